@@ -1,0 +1,22 @@
+"""Exceptions raised by reparam. Every error says which module or argument is at fault."""
+
+
+class ReparamError(Exception):
+    """Base class of every error reparam raises on purpose."""
+
+
+class InputError(ReparamError, ValueError):
+    """An argument is not what reparam needs (not a module, a bad example input, ...)."""
+
+
+class TraceFailure(ReparamError):
+    """The model cannot be traced with torch.fx at all."""
+
+
+class VerificationError(ReparamError):
+    """The fused model disagrees with the original beyond the tolerance."""
+
+    def __init__(self, message: str, max_abs_diff: float, allowed: float):
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
+        self.allowed = allowed
