@@ -1,0 +1,116 @@
+"""The fusion report: what was fused, what was refused and why, and counts before and after.
+
+A `Report` is plain data. `str(report)` renders it as tables for people; `report.to_dict()` gives
+JSON-ready data for tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class FusedRegion:
+    """One new module that replaces several original operations."""
+
+    name: str  # attribute name of the new module in the fused GraphModule
+    op: str  # what it is, e.g. "Conv2d 3x3 48->48 groups=48 stride=1"
+    members: tuple[str, ...]  # original module names (or graph node names) folded into it
+    source: str  # graph node the new module reads from
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A structure that was left as it was, and why."""
+
+    where: str  # original module names / graph nodes involved
+    reason: str
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A submodule that torch.fx could not trace; it was kept whole and fused inside if possible."""
+
+    module: str
+    reason: str
+    fused_inside: int = 0  # how many regions were fused within it
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Size of a model: graph nodes, parameters, multiply-accumulates for the example input."""
+
+    nodes: int
+    params: int
+    macs: int
+
+
+@dataclass
+class Report:
+    """Everything `reparam.fuse` did to a model."""
+
+    model: str
+    regions: list[FusedRegion] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    leaves: list[Leaf] = field(default_factory=list)
+    before: Counts | None = None
+    after: Counts | None = None
+    max_abs_diff: float | None = None  # measured on the example input, None if not verified
+    tolerance: float | None = None  # the allowed absolute difference used for verification
+    fuse_seconds: float | None = None  # time spent fusing, verification excluded
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One paragraph: counts before and after and the verification result."""
+        lines = [f"reparam report for {self.model}"]
+        if self.before and self.after:
+            lines.append(_table(
+                ["", "before", "after", "ratio"],
+                [
+                    ["graph nodes", self.before.nodes, self.after.nodes, _ratio(self.after.nodes, self.before.nodes)],
+                    ["parameters", f"{self.before.params:,}", f"{self.after.params:,}", _ratio(self.after.params, self.before.params)],
+                    ["MACs", f"{self.before.macs:,}", f"{self.after.macs:,}", _ratio(self.after.macs, self.before.macs)],
+                ],
+            ))
+        lines.append(
+            f"{len(self.regions)} fused regions, {len(self.refusals)} refusals, {len(self.leaves)} untraceable leaves"
+        )
+        if self.max_abs_diff is not None:
+            lines.append(f"verified on the example input: max |fused - original| = {self.max_abs_diff:.3g}"
+                         f" (allowed {self.tolerance:.3g})")
+        else:
+            lines.append("not verified")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        parts = [self.summary()]
+        if self.regions:
+            rows = [[r.name, r.op, ", ".join(r.members)] for r in self.regions]
+            parts.append("Fused regions\n" + _table(["new module", "operation", "replaces"], rows))
+        if self.refusals:
+            rows = [[r.where, r.reason] for r in self.refusals]
+            parts.append("Refused (left as they were)\n" + _table(["where", "reason"], rows))
+        if self.leaves:
+            rows = [[l.module, l.reason, l.fused_inside] for l in self.leaves]
+            parts.append("Untraceable submodules (kept as leaves)\n"
+                         + _table(["module", "reason", "fused inside"], rows))
+        return "\n\n".join(parts)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.3f}" if b else "-"
+
+
+def _table(header: list, rows: list[list]) -> str:
+    """A plain-text table; long cells are wrapped at 80 characters."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    cells = [[c if len(c) <= 100 else c[:97] + "..." for c in row] for row in cells]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    out = []
+    for k, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
