@@ -1,8 +1,9 @@
 """Shared test configuration.
 
-Hypothesis profiles (select with `--hypothesis-profile NAME` or REPARAM_HYPOTHESIS_PROFILE):
-  default   fast enough for every CI run
-  thorough  5,000 examples per property, for release checks and benchmarks
+Hypothesis profiles, selected with pytest's `--hypothesis-profile NAME` (pyproject's addopts picks
+`ci`; nothing here changes hypothesis settings at import):
+  ci        fast enough for every CI run
+  thorough  5,000 examples per property, for release checks
 
 Reference fixtures live in `../shared/fixtures` beside the checkout (override with
 REPARAM_FIXTURES). Tests that need them skip with a reason when they are missing, except under CI
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "default",
+    "ci",
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -29,7 +30,6 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("REPARAM_HYPOTHESIS_PROFILE", "default"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
