@@ -1,0 +1,504 @@
+"""The operator algebra: affine maps that are one convolution, and the exact ways to combine them.
+
+Every operation the compiler fuses is an affine map that can be written as
+
+    y = conv(x, W, b, stride, padding, dilation, groups)        (zero padding unless stated)
+
+`AffineConv` holds such a map with float64 weights. Linear layers acting on a channel axis are the
+same thing with no spatial dimensions (`nd == 0`, weight `[C_out, C_in/groups]`).
+
+Two operations combine them, each with a check that says why it would not be exact:
+
+    sum:          A(x) + B(x)   = conv(x, pad(W_A) + pad(W_B), b_A + b_B)
+                  exact when strides match and the kernels share a centre on every axis
+    composition:  B(A(x))       = conv(x, W_B * W_A, B(b_A))
+                  exact when B reads no padding, or A is pointwise without bias
+
+`cost` gives multiply-accumulates per output position, so callers can refuse a combination that
+would be more expensive than its parts. This module is pure torch: no torch.fx, no graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import reduce
+
+import torch
+import torch.nn.functional as F
+
+Tuple = tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class AffineConv:
+    """`y = conv(x, weight, bias, stride, padding, dilation, groups)`, weights in float64."""
+
+    weight: torch.Tensor  # [C_out, C_in // groups, *kernel], float64
+    bias: torch.Tensor  # [C_out], float64
+    stride: Tuple
+    padding: Tuple
+    dilation: Tuple
+    groups: int = 1
+    padding_mode: str = "zeros"  # only meaningful where some padding is non-zero
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def nd(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> Tuple:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1 kernel, stride 1, no padding: acts on each position separately."""
+        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and not any(self.padding)
+
+    @property
+    def is_per_channel(self) -> bool:
+        """Pointwise and diagonal: `y[c] = a[c] * x[c] + b[c]`."""
+        return self.is_pointwise and self.groups == self.out_channels == self.in_channels
+
+    @property
+    def is_identity(self) -> bool:
+        return self.is_per_channel and bool((self.weight == 1).all()) and not bool(self.bias.any())
+
+    @property
+    def has_padding(self) -> bool:
+        return any(self.padding)
+
+    @property
+    def cost(self) -> int:
+        """Multiply-accumulates per output position."""
+        return self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def describe(self) -> str:
+        if self.nd == 0:
+            if self.is_per_channel:
+                return f"channel affine ({self.out_channels})"
+            return f"Linear {self.in_channels}->{self.out_channels}" + (
+                f" groups={self.groups}" if self.groups > 1 else "")
+        k = "x".join(str(v) for v in self.kernel_size)
+        text = f"Conv{self.nd}d {k} {self.in_channels}->{self.out_channels}"
+        if self.groups > 1:
+            text += f" groups={self.groups}"
+        if any(s != 1 for s in self.stride):
+            text += f" stride={_short(self.stride)}"
+        if any(d != 1 for d in self.dilation):
+            text += f" dilation={_short(self.dilation)}"
+        if self.has_padding:
+            text += f" padding={_short(self.padding)}"
+        if self.has_padding and self.padding_mode != "zeros":
+            text += f" padding_mode={self.padding_mode}"
+        return text
+
+    # -- evaluation (reference semantics, used by tests and for checks) -----------------------
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to `x` laid out as [N, C, *spatial] (or [N, C] when nd == 0)."""
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if self.nd == 0:
+            if self.groups == 1:
+                return F.linear(x, w, b)
+            return conv(x.unsqueeze(-1), replace(self, weight=self.weight.unsqueeze(-1), stride=(1,),
+                                                  padding=(0,), dilation=(1,))).squeeze(-1)
+        if self.has_padding and self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in (0, 1)]
+            x = F.pad(x, pad, mode=self.padding_mode)
+            return _CONV[self.nd](x, w, b, self.stride, 0, self.dilation, self.groups)
+        return _CONV[self.nd](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv(x: torch.Tensor, op: AffineConv) -> torch.Tensor:
+    return op.apply(x)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _short(t: Tuple) -> str:
+    return str(t[0]) if len(set(t)) == 1 else str(t)
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t).detach().to(dtype=torch.float64)
+
+
+def _tuple(v, nd: int) -> Tuple:
+    if isinstance(v, int):
+        return (v,) * nd
+    v = tuple(int(i) for i in v)
+    return v * nd if len(v) == 1 else v
+
+
+# --------------------------------------------------------------------------------------------
+# Lifting graph operations into operators
+# --------------------------------------------------------------------------------------------
+
+def from_conv(weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+              padding_mode="zeros") -> AffineConv:
+    """A convolution (or a linear layer when `weight` is 2-D) with integer padding."""
+    weight = _f64(weight)
+    nd = weight.dim() - 2
+    b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None else _f64(bias)
+    return AffineConv(weight, b, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd), int(groups),
+                      padding_mode)
+
+
+def from_linear(weight, bias=None) -> AffineConv:
+    """`y = x @ W.T + b` along the channel axis."""
+    return from_conv(weight, bias, (), (), (), 1)
+
+
+def per_channel(scale, shift, nd: int) -> AffineConv:
+    """`y[c] = scale[c] * x[c] + shift[c]` as a depthwise 1x..x1 convolution."""
+    scale, shift = _f64(scale), _f64(shift)
+    c = scale.numel()
+    weight = scale.reshape(c, 1, *([1] * nd))
+    return AffineConv(weight, shift.reshape(c).clone(), (1,) * nd, (0,) * nd, (1,) * nd, c)
+
+
+def identity(channels: int, nd: int, device=None) -> AffineConv:
+    ones = torch.ones(channels, dtype=torch.float64, device=device)
+    return per_channel(ones, torch.zeros_like(ones), nd)
+
+
+def batch_norm(running_mean, running_var, weight, bias, eps: float, nd: int) -> AffineConv:
+    """BatchNorm with running statistics: `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`."""
+    mean, var = _f64(running_mean), _f64(running_var)
+    gamma = torch.ones_like(mean) if weight is None else _f64(weight)
+    beta = torch.zeros_like(mean) if bias is None else _f64(bias)
+    a = gamma / torch.sqrt(var + eps)
+    return per_channel(a, beta - mean * a, nd)
+
+
+def avg_pool(channels: int, kernel_size, stride, padding, nd: int, divisor=None, device=None) -> AffineConv:
+    """Average pooling that counts padding (`count_include_pad=True`): depthwise kxk of 1/k^2."""
+    k = _tuple(kernel_size, nd)
+    stride = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, nd)
+    divisor = divisor or math.prod(k)
+    weight = torch.full((channels, 1, *k), 1.0 / divisor, dtype=torch.float64, device=device)
+    bias = torch.zeros(channels, dtype=torch.float64, device=device)
+    return AffineConv(weight, bias, stride, _tuple(padding, nd), (1,) * nd, channels)
+
+
+# --------------------------------------------------------------------------------------------
+# Simple transformations
+# --------------------------------------------------------------------------------------------
+
+def scaled(op: AffineConv, scale) -> AffineConv:
+    """`scale * op(x)` with a scalar or a per-output-channel scale."""
+    s = _f64(scale).to(op.weight.device).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(op.out_channels)
+    return replace(op, weight=op.weight * s.reshape(-1, *([1] * (op.weight.dim() - 1))), bias=op.bias * s)
+
+
+def shifted(op: AffineConv, shift) -> AffineConv:
+    """`op(x) + shift` with a scalar or a per-output-channel shift."""
+    b = _f64(shift).to(op.weight.device).reshape(-1)
+    return replace(op, bias=op.bias + b)
+
+
+def regrouped(op: AffineConv, groups: int) -> AffineConv:
+    """The same map written with fewer groups (`groups` must divide `op.groups`).
+
+    Each new group holds `r = op.groups // groups` old groups on its block diagonal.
+    """
+    if groups == op.groups:
+        return op
+    if op.groups % groups:
+        raise ValueError(f"cannot regroup {op.groups} groups into {groups}")
+    r = op.groups // groups
+    co_g, ci_g = op.out_channels // op.groups, op.weight.shape[1]
+    k = op.kernel_size
+    w = op.weight.reshape(groups, r, co_g, 1, ci_g, *k)
+    eye = torch.eye(r, dtype=w.dtype, device=w.device).reshape(1, r, 1, r, 1, *([1] * len(k)))
+    weight = (w * eye).reshape(op.out_channels, r * ci_g, *k)
+    return replace(op, weight=weight, groups=groups)
+
+
+def dilated(op: AffineConv, dilation: Tuple) -> AffineConv:
+    """The same map written with a smaller dilation that divides the current one (zeros between taps)."""
+    if dilation == op.dilation:
+        return op
+    k_new, factors = [], []
+    for k, d_old, d_new in zip(op.kernel_size, op.dilation, dilation):
+        if k == 1:
+            k_new.append(1)
+            factors.append(1)
+            continue
+        if d_old % d_new:
+            raise ValueError(f"dilation {d_new} does not divide {d_old}")
+        f = d_old // d_new
+        k_new.append((k - 1) * f + 1)
+        factors.append(f)
+    weight = op.weight.new_zeros(*op.weight.shape[:2], *k_new)
+    index = (slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)
+    weight[index] = op.weight
+    return replace(op, weight=weight, dilation=tuple(dilation))
+
+
+def padded_kernel(op: AffineConv, before: Tuple, after: Tuple) -> AffineConv:
+    """Grow the kernel by zero taps (`before`/`after` taps per axis) and the padding to match."""
+    pad = []
+    for b, a in zip(reversed(before), reversed(after)):
+        pad += [b, a]
+    weight = F.pad(op.weight, pad) if any(pad) else op.weight
+    padding = tuple(p + b * d for p, b, d in zip(op.padding, before, op.dilation))
+    return replace(op, weight=weight, padding=padding)
+
+
+def as_pointwise(op: AffineConv) -> AffineConv:
+    """A pointwise operator without spatial dimensions (nd = 0)."""
+    assert op.is_pointwise
+    return AffineConv(op.weight.reshape(op.weight.shape[0], op.weight.shape[1]), op.bias, (), (), (), op.groups)
+
+
+def with_spatial_dims(op: AffineConv, nd: int) -> AffineConv:
+    """A pointwise operator re-expressed with `nd` spatial dimensions of size 1."""
+    assert op.is_pointwise
+    if op.nd == nd:
+        return op
+    w = op.weight.reshape(op.weight.shape[0], op.weight.shape[1], *([1] * nd))
+    return AffineConv(w, op.bias, (1,) * nd, (0,) * nd, (1,) * nd, op.groups)
+
+
+def densest_groups(op: AffineConv) -> AffineConv:
+    """Rewrite with the largest number of groups the weight's block structure allows."""
+    g = op.groups
+    cands = [d for d in _divisors(math.gcd(op.in_channels, op.out_channels)) if d > g and d % g == 0]
+    for d in sorted(cands, reverse=True):
+        dense = regrouped(op, 1).weight  # [Co, Ci, *k]
+        co_d, ci_d = op.out_channels // d, op.in_channels // d
+        blocks = dense.reshape(d, co_d, d, ci_d, *op.kernel_size)
+        mask = ~torch.eye(d, dtype=torch.bool, device=dense.device).reshape(d, 1, d, *([1] * (1 + op.nd)))
+        if not (blocks * mask).any():
+            idx = torch.arange(d, device=dense.device)
+            w = blocks[idx, :, idx]  # [d, co_d, ci_d, *k]
+            return replace(op, weight=w.reshape(op.out_channels, ci_d, *op.kernel_size), groups=d)
+    return op
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Sum:  A(x) + B(x)
+# --------------------------------------------------------------------------------------------
+
+def _centre2(op: AffineConv, axis: int) -> int:
+    """Twice the offset of the kernel centre from the output position, in input pixels."""
+    return -2 * op.padding[axis] + op.dilation[axis] * (op.kernel_size[axis] - 1)
+
+
+def _padding_mode(ops) -> str | None:
+    modes = {op.padding_mode for op in ops if op.has_padding}
+    return modes.pop() if len(modes) == 1 else ("zeros" if not modes else None)
+
+
+def sum_refusal(ops: list[AffineConv]) -> str | None:
+    """Why `sum(ops)` cannot be one operator, or None when it can."""
+    first = ops[0]
+    for op in ops[1:]:
+        if op.nd != first.nd:
+            return "branches have different numbers of spatial dimensions"
+        if op.in_channels != first.in_channels or op.out_channels != first.out_channels:
+            return (f"branches have different channel counts ({first.in_channels}->{first.out_channels}"
+                    f" vs {op.in_channels}->{op.out_channels})")
+        if op.stride != first.stride:
+            return f"branches have different strides ({_short(first.stride)} vs {_short(op.stride)})"
+        for axis in range(first.nd):
+            if _centre2(op, axis) != _centre2(first, axis):
+                return (f"branch kernels are centred differently on axis {axis} "
+                        f"({first.describe()} vs {op.describe()})")
+    mode = _padding_mode(ops)
+    if mode is None:
+        return "branches pad with different padding modes"
+    if mode != "zeros":
+        # Summing kernels of different extents under reflect/replicate padding is not a kernel sum.
+        if len({(op.kernel_size, op.padding, op.dilation) for op in ops}) > 1:
+            return f"padding_mode='{mode}' branches of different geometry cannot share one padding"
+    return None
+
+
+def _aligned(ops: list[AffineConv], groups: int) -> list[AffineConv]:
+    """The ops rewritten with one geometry: same groups, dilation, kernel size and padding.
+
+    Assumes equal strides and centres (see `sum_refusal`). Per axis the common dilation divides
+    every dilation that matters and every offset between kernel starts; smaller kernels grow by
+    zero taps on both sides.
+    """
+    nd = ops[0].nd
+    dil, extent = [], []
+    for axis in range(nd):
+        spans = [op.dilation[axis] * (op.kernel_size[axis] - 1) for op in ops]
+        widest = max(spans)
+        ds = [op.dilation[axis] for op in ops if op.kernel_size[axis] > 1]
+        ds += [(widest - s) // 2 for s in spans if s != widest]
+        dil.append(reduce(math.gcd, ds) if ds else 1)
+        extent.append(widest)
+    out = []
+    for op in ops:
+        op = dilated(regrouped(op, groups), tuple(dil))
+        grow = tuple((extent[a] - op.dilation[a] * (op.kernel_size[a] - 1)) // (2 * dil[a]) for a in range(nd))
+        out.append(padded_kernel(op, grow, grow))
+    return out
+
+
+def add(ops: list[AffineConv]) -> AffineConv:
+    """The single operator equal to `sum(op(x) for op in ops)`; check `sum_refusal` first."""
+    reason = sum_refusal(ops)
+    if reason:
+        raise ValueError(reason)
+    aligned = _aligned(ops, reduce(math.gcd, (op.groups for op in ops)))
+    weight = torch.stack([op.weight for op in aligned]).sum(0)
+    bias = torch.stack([op.bias for op in aligned]).sum(0)
+    return replace(aligned[0], weight=weight, bias=bias, padding_mode=_padding_mode(ops))
+
+
+def sum_cost(ops: list[AffineConv]) -> int:
+    """Cost of `add(ops)` per output position, from geometry alone."""
+    return _common_cost(ops, ops[0].out_channels, reduce(math.gcd, (op.groups for op in ops)))
+
+
+def _common_cost(ops: list[AffineConv], out_channels: int, groups: int) -> int:
+    kernel = []
+    for axis in range(ops[0].nd):
+        spans = [op.dilation[axis] * (op.kernel_size[axis] - 1) for op in ops]
+        widest = max(spans)
+        ds = [op.dilation[axis] for op in ops if op.kernel_size[axis] > 1]
+        ds += [(widest - s) // 2 for s in spans if s != widest]
+        kernel.append(widest // (reduce(math.gcd, ds) if ds else 1) + 1)
+    return out_channels * (ops[0].in_channels // groups) * math.prod(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Composition:  B(A(x))
+# --------------------------------------------------------------------------------------------
+
+def compose_refusal(after: AffineConv, before: AffineConv) -> str | None:
+    """Why `after(before(x))` cannot be one operator, or None when it can."""
+    if after.in_channels != before.out_channels:
+        return f"channel counts do not chain ({before.out_channels} -> {after.in_channels})"
+    if after.nd != before.nd:
+        return "operators have different numbers of spatial dimensions"
+    if after.has_padding:
+        if not before.is_pointwise:
+            return ("the second convolution pads its input, and the first is not pointwise: "
+                    "its border would see zeros instead of the first's output")
+        if before.bias.any() and after.padding_mode == "zeros":
+            return ("a per-channel shift before a zero-padded convolution: the padded border would "
+                    "see zeros instead of the shift")
+    if before.has_padding and before.padding_mode != "zeros" and not after.is_pointwise:
+        return f"padding_mode='{before.padding_mode}' before a spatial convolution"
+    return None
+
+
+def composed_geometry(after: AffineConv, before: AffineConv) -> tuple[Tuple, Tuple, Tuple, Tuple, int]:
+    """Stride, padding, dilation, kernel size and groups of `after(before(x))`."""
+    stride, padding, dilation, kernel = [], [], [], []
+    for a in range(before.nd):
+        sa, da, ka, pa = before.stride[a], before.dilation[a], before.kernel_size[a], before.padding[a]
+        sb, db, kb, pb = after.stride[a], after.dilation[a], after.kernel_size[a], after.padding[a]
+        step_b = sa * db  # offset between taps of `after`, in input pixels
+        ds = ([da] if ka > 1 else []) + ([step_b] if kb > 1 else [])
+        d = reduce(math.gcd, ds) if ds else 1
+        span = da * (ka - 1) + step_b * (kb - 1)
+        stride.append(sa * sb)
+        # `after`'s padding is only allowed when `before` is pointwise (stride 1, no padding).
+        padding.append(pa + pb * sa)
+        dilation.append(d)
+        kernel.append(span // d + 1)
+    groups = math.gcd(after.groups, before.groups)
+    return tuple(stride), tuple(padding), tuple(dilation), tuple(kernel), groups
+
+
+def composed_cost(after: AffineConv, before: AffineConv) -> int:
+    """Multiply-accumulates per output position of the composition, without computing it."""
+    _, _, _, kernel, groups = composed_geometry(after, before)
+    return after.out_channels * (before.in_channels // groups) * math.prod(kernel)
+
+
+def compose(after: AffineConv, before: AffineConv) -> AffineConv:
+    """The single operator equal to `after(before(x))`; check `compose_refusal` first."""
+    reason = compose_refusal(after, before)
+    if reason:
+        raise ValueError(reason)
+    stride, padding, dilation, kernel, g = composed_geometry(after, before)
+    a, b = regrouped(before, g), regrouped(after, g)
+    nd = a.nd
+    co, cm, ci = b.out_channels, a.out_channels, a.in_channels
+    wa = a.weight.reshape(g, cm // g, ci // g, *a.kernel_size)
+    wb = b.weight.reshape(g, co // g, cm // g, *b.kernel_size)
+    weight = a.weight.new_zeros(g, co // g, ci // g, *kernel)
+    # Every tap j of `after` adds W_B[..., j] @ W_A at offset (sa * db * j) / d in the combined kernel.
+    for j in _taps(b.kernel_size):
+        block = torch.einsum("gom,gmi...->goi...", wb[(slice(None), slice(None), slice(None)) + j], wa)
+        index = [slice(None)] * 3
+        for axis in range(nd):
+            start = a.stride[axis] * b.dilation[axis] * j[axis] // dilation[axis]
+            step = a.dilation[axis] // dilation[axis] if a.kernel_size[axis] > 1 else 1
+            index.append(slice(start, start + step * (a.kernel_size[axis] - 1) + 1, step))
+        weight[tuple(index)] += block
+    weight = weight.reshape(co, ci // g, *kernel)
+    # Bias: `after` applied to the constant image `before.bias` (no padding is ever read there).
+    wb_sum = b.weight.sum(dim=tuple(range(2, b.weight.dim()))) if nd else b.weight
+    bias_in = a.bias.reshape(g, cm // g)
+    bias = torch.einsum("gom,gm->go", wb_sum.reshape(g, co // g, cm // g), bias_in).reshape(co) + b.bias
+    mode = before.padding_mode if before.has_padding else after.padding_mode
+    return AffineConv(weight, bias, stride, padding, dilation, g, mode)
+
+
+def _taps(kernel: Tuple):
+    import itertools
+
+    return itertools.product(*(range(k) for k in kernel))
+
+
+# --------------------------------------------------------------------------------------------
+# Concatenation along the output channels:  cat([A(x), B(x)], dim=channels)
+# --------------------------------------------------------------------------------------------
+
+def concat_refusal(ops: list[AffineConv]) -> str | None:
+    """Why `cat([op(x) ...])` cannot be one operator, or None when it can."""
+    first = ops[0]
+    for op in ops[1:]:
+        if op.in_channels != first.in_channels or op.nd != first.nd:
+            return "branches read different channel counts"
+        if op.stride != first.stride:
+            return f"branches have different strides ({_short(first.stride)} vs {_short(op.stride)})"
+        for axis in range(first.nd):
+            if _centre2(op, axis) != _centre2(first, axis):
+                return f"branch kernels are centred differently on axis {axis}"
+    if _padding_mode(ops) is None:
+        return "branches pad with different padding modes"
+    return None
+
+
+def concat(ops: list[AffineConv]) -> AffineConv:
+    """One operator whose output channels are those of `ops`, in order; check `concat_refusal`."""
+    reason = concat_refusal(ops)
+    if reason:
+        raise ValueError(reason)
+    # Block-diagonal structure does not survive stacking along outputs: align densely, then
+    # recover whatever groups the stacked weight still has.
+    aligned = _aligned(ops, 1)
+    weight = torch.cat([op.weight for op in aligned], 0)
+    bias = torch.cat([op.bias for op in aligned], 0)
+    return densest_groups(replace(aligned[0], weight=weight, bias=bias, padding_mode=_padding_mode(ops)))
+
+
+def concat_cost(ops: list[AffineConv]) -> int:
+    """Cost of `concat(ops)` per output position (dense; `densest_groups` may lower it)."""
+    return _common_cost(ops, sum(op.out_channels for op in ops), 1)

@@ -1,0 +1,302 @@
+"""The `reparam` command line: export, explain, list.
+
+    python -m reparam.cli export fastvit_t12 --weights fastvit_t12.pth.tar   # -> fastvit_t12.onnx
+    python -m reparam.cli export mypkg.nets:build --input-shape 1,3,224,224 --format pt2
+    python -m reparam.cli explain fastvit_t8
+    python -m reparam.cli list
+
+This module only parses arguments, prints and chooses exit codes; the work is in
+`reparam.export`. Exit codes: 0 success, 1 a check or the export failed, 2 a usage error (bad
+arguments, unknown model, unreadable weights, an output that cannot be written...). No Python
+traceback reaches the user unless -v (unexpected errors) or --debug (every error) asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_EPILOG = """\
+MODEL is a registered name (see `reparam list`) or your own model as package.module:factory,
+a callable returning an nn.Module (the current folder is importable), e.g. mynets:build_net.
+
+examples:
+  reparam export fastvit_t12 --weights fastvit_t12.pth.tar
+  reparam export fastvit_t8 -o t8.pt2 --format pt2
+  reparam export mynets:build_net --input-shape 1,3,224,224
+  reparam explain fastvit_t8
+  reparam list
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with `error: ...` messages and exit code 2 (argparse's own convention)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show progress and exporter messages; tracebacks of unexpected errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full Python traceback of any error")
+
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("model", metavar="MODEL",
+                            help="registered name (e.g. fastvit_t12) or package.module:factory")
+    model_args.add_argument("--weights", metavar="PATH",
+                            help="checkpoint to load (.pth, .pth.tar, .safetensors);"
+                                 " without it the weights are randomly initialised")
+    model_args.add_argument("--image-size", type=_positive_int, metavar="N",
+                            help="square input size for models with a registered default"
+                                 " (FastViT: 256)")
+    model_args.add_argument("--input-shape", metavar="SHAPE",
+                            help="full example input shape, batch first, e.g. 1,3,224,224;"
+                                 " required for models without a registered input size")
+
+    parser = _Parser(prog="reparam", description="Structural-reparameterization compiler for"
+                     " PyTorch: fuse, explain and export models.", parents=[common],
+                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    exp = sub.add_parser("export", parents=[common, model_args],
+                         help="fuse a model and write it as ONNX or torch.export (.pt2)",
+                         description="Fuse MODEL with reparam.fuse, write it as ONNX (dynamic"
+                         " batch) or a torch.export program, check the file against the fused and"
+                         " the original model, and move it into place only if every check passed.",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("-o", "--output", metavar="OUT",
+                     help="output file (default: <model>.onnx or <model>.pt2 in this folder)")
+    exp.add_argument("--format", choices=["onnx", "pt2"],
+                     help="file format (default: from the -o suffix, else onnx)")
+    exp.add_argument("--batch-size", type=_positive_int, metavar="N",
+                     help="fix the batch size of the file to N (default: dynamic batch axis)")
+    exp.add_argument("--opset", type=_positive_int, metavar="N",
+                     help="ONNX opset version (default: the exporter's recommended one)")
+    exp.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                     help="ONNX exporter: torch.export-based (dynamo), the legacy TorchScript one,"
+                          " or auto (dynamo, TorchScript when torch.export fails; default)")
+    exp.add_argument("--no-verify", action="store_true",
+                     help="skip every check (fusion verification, onnx.checker, ONNX Runtime)")
+    exp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    ex = sub.add_parser("explain", parents=[common, model_args],
+                        help="show what reparam.fuse would fuse and refuse, with reasons",
+                        description="Print the fusion report of MODEL: each fused region with"
+                        " the original modules that went into it, each refusal with its reason,"
+                        " and node/parameter/MAC counts before and after.")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sub.add_parser("list", parents=[common], help="list the registered models",
+                   description="List the registered models with their parameter counts (training"
+                   " form) and default input sizes.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _load(args, *, batch_size=None):
+    from . import export as ex
+
+    shape = ex.parse_input_shape(args.input_shape) if args.input_shape is not None else None
+    loaded = ex.resolve_model(args.model, weights=args.weights, input_shape=shape,
+                              image_size=args.image_size, batch_size=batch_size)
+    example = loaded.example_input()
+    ex.check_input_accepted(loaded.model, example, name=f"model {args.model!r}")
+    return loaded, example
+
+
+def _weights_notice(args) -> None:
+    if args.weights is None:
+        _warn(f"no --weights given: the weights of {args.model} are randomly initialised (seed"
+              f" {_seed()}); to export a trained model pass a checkpoint, e.g.\n"
+              f"  reparam export {args.model} --weights PATH/TO/checkpoint.pth.tar")
+
+
+def _seed() -> int:
+    from .export import INIT_SEED
+
+    return INIT_SEED
+
+
+def cmd_export(args) -> int:
+    from . import export as ex
+
+    t0 = time.perf_counter()
+    fmt = args.format
+    if args.output is not None and fmt is None:
+        suffix = os.path.splitext(args.output)[1].lstrip(".").lower()
+        fmt = suffix if suffix in ("onnx", "pt2") else "onnx"
+    fmt = fmt or "onnx"
+    if args.opset is not None and fmt != "onnx":
+        raise _Usage("--opset only applies to --format onnx")
+    if args.input_shape is not None:  # malformed shapes are reported before anything else
+        ex.parse_input_shape(args.input_shape)
+    # Check the destination before any expensive work. A factory's name is known only after
+    # import, so for package.module:factory the default name comes from the spec.
+    stem = args.model.rpartition(":")[2] if ex.is_factory_spec(args.model) else args.model
+    output = args.output if args.output is not None else ex.default_output_path(stem, fmt)
+    output = ex.check_output_path(output, force=args.force)
+    _weights_notice(args)
+
+    say = (lambda m: print(f"[reparam] {m}", file=sys.stderr)) if args.verbose else None
+    if say:
+        say(f"building {args.model}")
+    loaded, example = _load(args, batch_size=args.batch_size)
+    shape = ",".join(str(d) for d in loaded.input_shape)
+    print(f"model: {args.model} ({type(loaded.model).__name__}), example input {shape}, weights:"
+          f" {loaded.weights or 'randomly initialised (no --weights)'}")
+    result = ex.export_model(loaded.model, example, output, format=fmt, opset=args.opset,
+                             batch_size=args.batch_size, verify=not args.no_verify,
+                             force=args.force, exporter=args.exporter, verbose=args.verbose,
+                             log=say)
+    result.seconds = time.perf_counter() - t0
+    print(result.summary())
+    if result.format == "onnx" and result.op_counts.get("BatchNormalization"):
+        _warn(f"{result.op_counts['BatchNormalization']} BatchNormalization nodes remain in the"
+              " file; `reparam explain` says why they were not fused")
+    return EXIT_OK
+
+
+def cmd_explain(args) -> int:
+    from . import export as ex
+
+    if args.input_shape is not None:
+        ex.parse_input_shape(args.input_shape)
+    loaded, example = _load(args)
+    with ex.quiet(not args.verbose):
+        report = ex._default_explain()(loaded.model, example)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        shape = ",".join(str(d) for d in loaded.input_shape)
+        print(f"model: {args.model} ({type(loaded.model).__name__}), example input {shape}")
+        print(report)
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    import torch
+
+    from . import export as ex
+
+    names = ex.registered_models()
+    models = ex._models_module()
+    rows = []
+    for name in names:
+        params = "?"
+        for device in ("meta", "cpu"):
+            try:
+                with ex.quiet(not args.verbose), torch.device(device):
+                    model = models.create(name)
+                params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+                break
+            except Exception:
+                model = None
+        size = ex.registered_input_size(name, model)
+        rows.append([name, params, "x".join(str(d) for d in size) if size else "-"])
+    if not rows:
+        print("no registered models")
+        return EXIT_OK
+    header = ["model", "params (unfused)", "input size"]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(3)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"\n{len(rows)} models; export one with `reparam export NAME [--weights PATH]`")
+    return EXIT_OK
+
+
+class _Usage(Exception):
+    """A usage error found after argument parsing (exit code 2)."""
+
+
+_COMMANDS = {"export": cmd_export, "explain": cmd_explain, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args.debug = debug = bool(getattr(args, "debug", False))
+    args.verbose = verbose = bool(getattr(args, "verbose", False)) or debug
+    try:
+        from .errors import InputError, ReparamError
+    except Exception as exc:  # pragma: no cover - broken installation
+        _err(f"cannot import reparam: {exc}")
+        return EXIT_FAILED
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except (_Usage, InputError) as exc:
+        if debug:
+            traceback.print_exc()
+        _err(str(exc))
+        return EXIT_USAGE
+    except ReparamError as exc:
+        if debug:
+            traceback.print_exc()
+        _err(f"{_kind(exc)}{exc}")
+        return EXIT_FAILED
+    except MemoryError:
+        if debug or verbose:
+            traceback.print_exc()
+        _err("out of memory; try a smaller --batch-size or --image-size")
+        return EXIT_FAILED
+    except Exception as exc:  # unexpected: one line, and how to see more
+        if debug or verbose:
+            traceback.print_exc()
+        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        _err(f"unexpected {type(exc).__name__}: {line[:300]}")
+        if not (debug or verbose):
+            print("rerun with -v (or --debug) to see the traceback", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _kind(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name == "VerificationError":
+        return "the fused model disagrees with the original: "
+    if name == "TraceFailure":
+        return "cannot trace the model: "
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Model zoo: reparameterizable networks written in plain training form.
+
+    model = reparam.models.create("fastvit_t8", weights="fastvit_t8.pth.tar")
+    fused = reparam.fuse(model, torch.randn(1, 3, 256, 256))
+
+Every family registers its variants here with `register(ModelEntry(...))`: a name, a factory that
+takes config overrides, the default input size and classifier width, and (optionally) a function
+that maps published checkpoint namings to the model's own. Parameter counts are computed on demand
+(on the meta device, so no memory is spent), never stored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = ["ModelEntry", "register", "list_models", "get_entry", "num_params", "create"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model."""
+
+    name: str
+    family: str  # e.g. "fastvit"; used to find other variants that fit a checkpoint
+    factory: Callable[..., nn.Module]  # factory(**overrides) -> model in training form
+    input_size: tuple[int, int, int] = (3, 256, 256)  # default (C, H, W) of one input image
+    num_classes: int = 1000  # default classifier width
+    # maps a state_dict in any published naming to the model's own; returns (state_dict, naming)
+    convert_state_dict: Callable[[dict], tuple[dict, str]] | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    """Add a model to the registry; a name can only be registered once."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Names of the registered models (of one family if given), sorted."""
+    return sorted(n for n, e in _REGISTRY.items() if family is None or e.family == family)
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry of `name`; unknown names raise InputError naming close matches."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        pass
+    close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise InputError(f"unknown model {name!r}{hint} Available: {', '.join(list_models())}")
+
+
+def num_params(name: str, **overrides) -> int:
+    """Number of parameters of the training-form model, computed without allocating weights."""
+    with torch.device("meta"):
+        model = _build(get_entry(name), overrides)
+    return sum(p.numel() for p in model.parameters())
+
+
+def create(name: str, *, weights: str | Path | None = None, num_classes: int | None = None,
+           **overrides) -> nn.Module:
+    """Build a registered model in training form (train mode, like any new nn.Module).
+
+    name: a name from `list_models()`.
+    weights: a local checkpoint to load (see `reparam.checkpoints.load_checkpoint`): original
+        or timm naming, `.pth.tar`/`.pth`/`.pt`/`.bin` (read with weights_only=True) or
+        `.safetensors`. A checkpoint whose classifier width differs from the model's loads
+        everything but the classifier and warns (`CheckpointWarning`).
+    num_classes: classifier width; None uses the variant's default (1000 for ImageNet models,
+        512 for the MobileCLIP towers); 0 gives a model that returns pooled features.
+    overrides: fields of the family's config, e.g. drop_path_rate=0.1, features_only=True.
+    """
+    entry = get_entry(name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    model = _build(entry, overrides)
+    if weights is not None:
+        from ..checkpoints import load_checkpoint
+
+        load_checkpoint(model, weights, convert=entry.convert_state_dict, family=entry.family,
+                        model_name=entry.name)
+    return model
+
+
+def _build(entry: ModelEntry, overrides: dict) -> nn.Module:
+    try:
+        return entry.factory(**overrides)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"cannot build {entry.name!r} with {overrides!r}: {exc}") from exc
+
+
+# Families register their variants on import.
+from . import fastvit as fastvit  # noqa: E402

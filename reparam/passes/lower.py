@@ -1,0 +1,94 @@
+"""Lowering: every materialized linear form becomes one fresh module applied to its source.
+
+Nodes whose forms were folded into a consumer lose their last user and are removed; modules and
+constants nobody reads any more are dropped from the GraphModule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from .. import affine
+from ..affine import AffineConv
+from ..modules import AxisLinear, ChannelAffine
+from ..report import FusedRegion
+from .linear_forms import Form, LinearFormPass
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) -> nn.Module:
+    """A module computing `op` on a rank-`ndim` tensor whose channels are at `axis`."""
+    keep_bias = bool(op.bias.any())
+    if op.nd >= 1:
+        m = _CONV[op.nd](op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
+                         op.groups, bias=keep_bias,
+                         padding_mode=op.padding_mode if op.has_padding else "zeros")
+        _set(m, op.weight, op.bias if keep_bias else None)
+        return m.to(device=device, dtype=dtype)
+    if op.is_per_channel:
+        m = ChannelAffine(op.weight.reshape(-1), op.bias, axis, ndim)
+        return m.to(device=device, dtype=dtype)
+    dense = affine.regrouped(op, 1)
+    if axis == ndim - 1:
+        m = nn.Linear(op.in_channels, op.out_channels, bias=keep_bias)
+    else:
+        m = AxisLinear(op.in_channels, op.out_channels, axis, bias=keep_bias)
+    _set(m, dense.weight, dense.bias if keep_bias else None)
+    return m.to(device=device, dtype=dtype)
+
+
+def _set(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        m.weight.copy_(weight.reshape(m.weight.shape))
+        if bias is not None:
+            m.bias.copy_(bias)
+
+
+def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Graph) -> torch.fx.Node:
+    """A copy of a layout node reading `value` instead of its tensor input."""
+    old_input = step_node.args[0]
+    args = (value,) + tuple(step_node.args[1:])
+    kwargs = dict(step_node.kwargs)
+    del old_input
+    return graph.create_node(step_node.op, step_node.target, args, kwargs)
+
+
+def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device,
+                prefix: str = "") -> list[FusedRegion]:
+    """Rewrite `gm` in place; returns the regions that became new modules."""
+    graph = gm.graph
+    for query, source in forms.rewire.items():
+        query.replace_input_with(query.args[0], source)
+    regions: list[FusedRegion] = []
+    counter = 0
+    for node in list(graph.nodes):
+        form: Form | None = forms.forms.get(node)
+        if form is None or node in forms.absorbed or not node.users:
+            continue
+        if form.op.is_identity and not form.has_layout:
+            node.replace_all_uses_with(form.source)
+            continue
+        if form.origin is node:
+            continue  # exactly the original operation: keep it as written
+        dtype = dtype_of(node)
+        with graph.inserting_before(node):
+            value = form.source
+            for step in form.before:
+                value = _replay(step.node, value, graph)
+            if not form.op.is_identity:
+                name = f"{prefix}fused_{counter}"
+                counter += 1
+                gm.add_submodule(name, to_module(form.op, form.op_axis, form.op_ndim, dtype, device))
+                value = graph.call_module(name, (value,))
+                op_out = form.after[0].node.args[0] if form.after else node
+                value.meta.update({k: op_out.meta[k] for k in ("reparam_shape", "tensor_meta") if k in op_out.meta})
+                regions.append(FusedRegion(name, form.op.describe(), form.members, form.source.name))
+            for step in form.after:
+                value = _replay(step.node, value, graph)
+                value.meta.update(step.node.meta)
+        node.replace_all_uses_with(value)
+    graph.eliminate_dead_code()
+    return regions

@@ -1,0 +1,341 @@
+"""Recognising linear operations in an FX graph, whatever their spelling.
+
+`classify(node, ...)` turns one node into a `LinearOp` (what it does to its tensor inputs) or
+None when it is not linear. Every spelling of an operation (`x + y`, `torch.add`, `x.add(y)`;
+`nn.Conv2d` or `F.conv2d` with constant weights; a BatchNorm module or `F.batch_norm`) maps to one
+description, so the propagation pass sees a single form of each.
+
+    rule            graph op                                operator on its input
+    conv            ConvNd, F.convNd (constant weight)      itself
+    batch_norm      BatchNormNd / F.batch_norm, eval        depthwise 1x1: a = g/sqrt(v+eps), b = beta - m*a
+    linear          nn.Linear, F.linear                     1x1 over the last axis
+    avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
+    identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
+    scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
+    shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
+    sum             x + y, x - y                            A + B over a common source
+    concat          torch.cat(dim=channels)                 outputs stacked
+    layout          flatten, transpose, permute, reshape    moves the channel axis (pointwise only)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .. import affine
+from ..trace import Constants, shape_of
+
+# Argument names of the functional forms, for binding positional and keyword arguments alike.
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_LINEAR_ARGS = ("input", "weight", "bias")
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override")
+_DROPOUT_ARGS = ("input", "p", "training", "inplace")
+
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_POOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool1d: 1}
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+_ADD = {operator.add, torch.add, operator.iadd}
+_SUB = {operator.sub, torch.sub, torch.subtract, operator.isub}
+_MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
+_DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
+_NEG = {operator.neg, torch.neg, torch.negative}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_LAYOUT_FUNCS = {torch.flatten: "flatten", torch.transpose: "transpose", torch.swapaxes: "transpose",
+                 torch.permute: "permute", torch.reshape: "reshape", torch.squeeze: "squeeze",
+                 torch.unsqueeze: "unsqueeze", torch.movedim: "movedim", torch.moveaxis: "movedim"}
+_LAYOUT_METHODS = {"flatten": "flatten", "transpose": "transpose", "swapaxes": "transpose",
+                   "permute": "permute", "reshape": "reshape", "view": "reshape", "squeeze": "squeeze",
+                   "unsqueeze": "unsqueeze", "movedim": "movedim", "moveaxis": "movedim"}
+_METHOD_ARITH = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg",
+                 "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "div",
+                 "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+
+
+@dataclass
+class LinearOp:
+    """What a node does, in the terms of the propagation pass.
+
+    kind:
+      "affine"   -> `op` applied to `inputs[0]` at channel axis `axis` (None: decided by the input)
+      "sum"      -> sum of `inputs` with `signs`
+      "shift"    -> `inputs[0]` plus the constant `shift` (per channel or scalar), times `sign`
+      "scale"    -> `inputs[0]` times the constant `scale` (per channel or scalar)
+      "concat"   -> concatenation of `inputs` along `axis`
+      "identity" -> `inputs[0]` unchanged
+      "layout"   -> `inputs[0]` moved around; `layout` names the op
+      "refused"  -> linear in principle but not exactly fusible: `reason`
+    """
+
+    kind: str
+    inputs: list[torch.fx.Node] = field(default_factory=list)
+    op: affine.AffineConv | None = None
+    axis: int | None = None
+    signs: list[float] = field(default_factory=list)
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    sign: float = 1.0
+    layout: str = ""
+    reason: str = ""
+    member: str = ""  # name of the operation for the report
+
+
+def bind(node: torch.fx.Node, names: tuple[str, ...]) -> dict:
+    """Positional and keyword arguments of a call, by parameter name."""
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def member_name(node: torch.fx.Node) -> str:
+    """How the report names an original operation: its module, or the parameter it uses."""
+    if node.op == "call_module":
+        return str(node.target)
+    attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr" and not a.target.startswith("_reparam")]
+    return f"{node.name}({attrs[0]})" if attrs else node.name
+
+
+def _tensor_input(node) -> bool:
+    """A tensor computed from the inputs (constants were folded into get_attr nodes)."""
+    return isinstance(node, torch.fx.Node) and node.op != "get_attr" and shape_of(node) is not None
+
+
+class Classifier:
+    """Maps nodes to `LinearOp`s, reading constants from the folded-constant table."""
+
+    def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
+        self.gm = gm
+        self.consts = consts
+
+    def const(self, value) -> torch.Tensor | None:
+        """The float64 value of a constant argument (a number or a parameter/buffer), else None."""
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value), dtype=torch.float64)
+        if isinstance(value, torch.fx.Node):
+            v = self.consts.get(value)
+            if v is not None and v.is_floating_point():
+                return v
+        return None
+
+    def __call__(self, node: torch.fx.Node) -> LinearOp | None:
+        if shape_of(node) is None or not _is_float(node):
+            return None
+        if node.op == "call_module":
+            return self._module(node, self.gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return self._function(node)
+        if node.op == "call_method":
+            return self._method(node)
+        return None
+
+    # -- modules -----------------------------------------------------------------------------
+    def _module(self, node, m: nn.Module) -> LinearOp | None:
+        if not node.args or not _tensor_input(node.args[0]) or len(node.args) != 1 or node.kwargs:
+            return None
+        x = node.args[0]
+        name = str(node.target)
+        if isinstance(m, _CONV_MODULES):
+            return self._conv(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
+                              m.padding_mode, name)
+        if isinstance(m, _BN_MODULES):
+            if m.training or m.running_mean is None or m.running_var is None:
+                return LinearOp("refused", [x], reason=(
+                    "BatchNorm uses batch statistics (track_running_stats=False or training mode): "
+                    "not an affine map"), member=name)
+            op = affine.batch_norm(m.running_mean, m.running_var, m.weight, m.bias, m.eps, nd=0)
+            return LinearOp("affine", [x], op=op, axis=1, member=name)
+        if isinstance(m, nn.Linear):
+            return LinearOp("affine", [x], op=affine.from_linear(m.weight, m.bias), axis=-1, member=name)
+        if type(m) in _POOL_MODULES:
+            return self._pool(x, _POOL_MODULES[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                              m.count_include_pad, getattr(m, "divisor_override", None), name)
+        if isinstance(m, _IDENTITY_MODULES):
+            return LinearOp("identity", [x], member=name)
+        if isinstance(m, nn.Flatten):
+            return LinearOp("layout", [x], layout="flatten", member=name)
+        return None
+
+    # -- functions ---------------------------------------------------------------------------
+    def _function(self, node) -> LinearOp | None:
+        t = node.target
+        if t in _CONV_FUNCS:
+            a = bind(node, _CONV_ARGS)
+            weight = self.const(a.get("weight"))
+            bias = a.get("bias")
+            bias_v = None if bias is None else self.const(bias)
+            if weight is None or (bias is not None and bias_v is None) or not _tensor_input(a.get("input")):
+                return None
+            return self._conv(a["input"], weight, bias_v, a.get("stride", 1), a.get("padding", 0),
+                              a.get("dilation", 1), a.get("groups", 1), "zeros", member_name(node))
+        if t in (F.batch_norm,):
+            a = bind(node, _BN_ARGS)
+            x = a.get("input")
+            stats = [self.const(a.get(k)) for k in ("running_mean", "running_var")]
+            affine_args = [a.get(k) for k in ("weight", "bias")]
+            affine_vals = [None if v is None else self.const(v) for v in affine_args]
+            if not _tensor_input(x):
+                return None
+            if a.get("training", False) is not False or any(s is None for s in stats) or any(
+                    v is None and arg is not None for v, arg in zip(affine_vals, affine_args)):
+                return LinearOp("refused", [x], reason="batch_norm uses batch statistics or non-constant "
+                                                         "parameters: not an affine map", member=node.name)
+            op = affine.batch_norm(stats[0], stats[1], affine_vals[0], affine_vals[1], a.get("eps", 1e-5), 0)
+            return LinearOp("affine", [x], op=op, axis=1, member=member_name(node))
+        if t in (F.linear,):
+            a = bind(node, _LINEAR_ARGS)
+            weight = self.const(a.get("weight"))
+            bias = a.get("bias")
+            bias_v = None if bias is None else self.const(bias)
+            if weight is None or weight.dim() != 2 or (bias is not None and bias_v is None) \
+                    or not _tensor_input(a.get("input")):
+                return None
+            return LinearOp("affine", [a["input"]], op=affine.from_linear(weight, bias_v), axis=-1,
+                            member=member_name(node))
+        if t in _POOL_FUNCS:
+            a = bind(node, _POOL_ARGS)
+            if not _tensor_input(a.get("input")):
+                return None
+            return self._pool(a["input"], _POOL_FUNCS[t], a.get("kernel_size"), a.get("stride"),
+                              a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True),
+                              a.get("divisor_override"), node.name)
+        if t in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            a = bind(node, _DROPOUT_ARGS)
+            if a.get("training", True) is False and _tensor_input(a.get("input")):
+                return LinearOp("identity", [a["input"]], member=node.name)
+            return None
+        if t in _ADD or t in _SUB:
+            alpha = node.kwargs.get("alpha", 1)
+            if len(node.args) != 2 or not isinstance(alpha, (int, float)) or set(node.kwargs) - {"alpha"}:
+                return None
+            return self._add(node, node.args[0], node.args[1], (1.0 if t in _ADD else -1.0) * alpha)
+        if t in _MUL:
+            return self._mul(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
+        if t in _DIV:
+            return self._div(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
+        if t in _NEG:
+            if len(node.args) == 1 and _tensor_input(node.args[0]):
+                return LinearOp("scale", [node.args[0]], scale=torch.tensor(-1.0, dtype=torch.float64),
+                                member=node.name)
+            return None
+        if t in _CAT:
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if not isinstance(tensors, (list, tuple)) or not all(_tensor_input(v) for v in tensors):
+                return None
+            if not isinstance(dim, int):
+                return None
+            return LinearOp("concat", list(tensors), axis=dim, member=node.name)
+        if t in _LAYOUT_FUNCS and node.args and _tensor_input(node.args[0]):
+            return LinearOp("layout", [node.args[0]], layout=_LAYOUT_FUNCS[t], member=node.name)
+        return None
+
+    # -- methods -----------------------------------------------------------------------------
+    def _method(self, node) -> LinearOp | None:
+        name = node.target
+        if not node.args or not _tensor_input(node.args[0]):
+            return None
+        x = node.args[0]
+        if name in ("contiguous", "clone") and len(node.args) == 1 and not node.kwargs:
+            return LinearOp("identity", [x], member=node.name)
+        if name in _LAYOUT_METHODS:
+            return LinearOp("layout", [x], layout=_LAYOUT_METHODS[name], member=node.name)
+        kind = _METHOD_ARITH.get(name)
+        if kind is None:
+            return None
+        if kind == "neg":
+            if len(node.args) == 1 and not node.kwargs:
+                return LinearOp("scale", [x], scale=torch.tensor(-1.0, dtype=torch.float64), member=node.name)
+            return None
+        if len(node.args) != 2:
+            return None
+        if kind in ("add", "sub"):
+            alpha = node.kwargs.get("alpha", 1)
+            if not isinstance(alpha, (int, float)) or set(node.kwargs) - {"alpha"}:
+                return None
+            return self._add(node, x, node.args[1], (1.0 if kind == "add" else -1.0) * alpha)
+        if node.kwargs:
+            return None
+        if kind == "mul":
+            return self._mul(node, x, node.args[1])
+        return self._div(node, x, node.args[1])
+
+    # -- shared builders ---------------------------------------------------------------------
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups, padding_mode, name) -> LinearOp:
+        weight = affine._f64(weight)
+        nd = weight.dim() - 2
+        k = weight.shape[2:]
+        dilation = affine._tuple(dilation, nd)
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = 0
+            else:  # 'same': symmetric only when every dilation*(k-1) is even
+                if any(d * (kk - 1) % 2 for d, kk in zip(dilation, k)):
+                    return LinearOp("refused", [x], reason="padding='same' with an even kernel pads one side "
+                                                             "more than the other", member=name)
+                padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k))
+        op = affine.from_conv(weight, bias, stride, padding, dilation, groups, padding_mode)
+        return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _pool(self, x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor, name):
+        if ceil_mode:
+            return LinearOp("refused", [x], reason="avg_pool with ceil_mode=True has windows that cross the "
+                                                     "border unevenly", member=name)
+        if not count_include_pad and (padding not in (0, (0,) * nd)):
+            return LinearOp("refused", [x], reason="avg_pool with count_include_pad=False divides border "
+                                                     "windows differently: not a convolution", member=name)
+        shape = shape_of(x)
+        if len(shape) != nd + 2:
+            return None
+        op = affine.avg_pool(shape[1], kernel_size, stride, padding, nd, divisor)
+        return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _add(self, node, a, b, sign_b: float) -> LinearOp | None:
+        ta, tb = _tensor_input(a), _tensor_input(b)
+        if ta and tb:
+            if shape_of(a) != shape_of(node) or shape_of(b) != shape_of(node):
+                return None  # broadcasting between tensors is not a sum of maps on one value
+            return LinearOp("sum", [a, b], signs=[1.0, sign_b], member=node.name)
+        if ta:
+            c = self.const(b)
+            return None if c is None else LinearOp("shift", [a], shift=c * sign_b, member=member_name(node))
+        if tb:
+            c = self.const(a)
+            if c is None:
+                return None
+            return LinearOp("shift", [b], shift=c, sign=sign_b, member=member_name(node))
+        return None
+
+    def _mul(self, node, a, b) -> LinearOp | None:
+        if _tensor_input(a) and not _tensor_input(b):
+            x, c = a, self.const(b)
+        elif _tensor_input(b) and not _tensor_input(a):
+            x, c = b, self.const(a)
+        else:
+            return None
+        return None if c is None else LinearOp("scale", [x], scale=c, member=member_name(node))
+
+    def _div(self, node, a, b) -> LinearOp | None:
+        if not _tensor_input(a) or _tensor_input(b):
+            return None
+        c = self.const(b)
+        if c is None or not bool((c != 0).all()):
+            return None
+        return LinearOp("scale", [a], scale=1.0 / c, member=member_name(node))
+
+
+def _is_float(node: torch.fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and meta.dtype.is_floating_point

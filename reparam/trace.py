@@ -1,0 +1,239 @@
+"""Tracing: torch.fx symbolic tracing with a leaf fallback, constant folding and shape propagation.
+
+A submodule whose `forward` cannot be traced (data-dependent control flow, say) is kept whole as a
+leaf call; the caller fuses inside it separately. Only the model's own top-level `forward` must be
+traceable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .errors import TraceFailure
+
+
+class _FallbackTracer(torch.fx.Tracer):
+    """A tracer that turns untraceable submodules into leaves instead of failing."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_leaves: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.failed_leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last = self.graph._root.prev  # the newest node before this call
+        stack = dict(self.module_stack) if hasattr(self, "module_stack") else None
+        calls = dict(self.num_calls) if hasattr(self, "num_calls") else None
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # roll back what the failed call added, then keep it whole
+            for node in reversed(_nodes_after(self.graph, last)):
+                self.graph.erase_node(node)
+            if stack is not None:
+                self.module_stack.clear()
+                self.module_stack.update(stack)
+            if calls is not None:
+                self.num_calls.clear()
+                self.num_calls.update(calls)
+            self.failed_leaves[qualname] = f"{type(exc).__name__}: {_first_line(exc)}"
+            return super().call_module(m, forward, args, kwargs)
+
+
+def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.Node]:
+    nodes, node = [], last.next
+    while node is not graph._root:
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
+    tracer = _FallbackTracer()
+    name = type(model).__name__
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise TraceFailure(
+            f"cannot trace {name}.forward with torch.fx: {type(exc).__name__}: {_first_line(exc)}. "
+            "reparam needs the model's own forward to be traceable (no Python control flow on tensor "
+            "values); submodules that cannot be traced are kept whole automatically."
+        ) from exc
+    gm = torch.fx.GraphModule(model, graph, class_name=name)
+    return gm, dict(tracer.failed_leaves)
+
+
+# --------------------------------------------------------------------------------------------
+# Constant folding: computations on parameters and buffers alone
+# --------------------------------------------------------------------------------------------
+
+_RANDOM = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.bernoulli, torch.multinomial, torch.normal, torch.poisson,
+    torch.nn.functional.dropout, torch.dropout,
+}
+
+
+@dataclass
+class Constants:
+    """Values of constant nodes in float64 (for the algebra) and the attribute that holds them."""
+
+    values: dict[torch.fx.Node, torch.Tensor] = field(default_factory=dict)
+    folded: int = 0
+
+    def get(self, node) -> torch.Tensor | None:
+        return self.values.get(node)
+
+
+def fold_constants(gm: torch.fx.GraphModule) -> Constants:
+    """Replace every node computed from parameters and buffers alone by one buffer.
+
+    In eval mode such a computation (a weight built in `forward`, `self.weight + self.id_tensor`,
+    OREPA-style weight generators) is a constant. It is evaluated twice: in float64 from the
+    original parameters for the algebra, and in the model's own dtype for the graph.
+    """
+    consts = Constants()
+    env: dict[torch.fx.Node, object] = {}
+    env64: dict[torch.fx.Node, object] = {}
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                env[node] = value.detach()
+                env64[node] = value.detach().double() if value.is_floating_point() else value.detach()
+                consts.values[node] = env64[node]
+            continue
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        inputs = node.all_input_nodes
+        if not inputs or any(n not in env for n in inputs) or node.target in _RANDOM:
+            continue
+        if node.op == "call_method" and node.target in ("dropout", "bernoulli_", "normal_", "uniform_"):
+            continue
+        try:
+            value = _run(gm, node, env)
+            # A submodule keeps its own dtype; everything else is recomputed in float64.
+            value64 = value if node.op == "call_module" else _run(gm, node, env64)
+        except Exception:
+            continue
+        if not isinstance(value, torch.Tensor) or not isinstance(value64, torch.Tensor):
+            continue
+        if value64.is_floating_point():
+            value64 = value64.double()
+        # Replace the computation by a buffer holding its value.
+        attr = f"_reparam_const_{count}"
+        count += 1
+        gm.register_buffer(attr, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(attr)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        env[new] = value.detach()
+        env64[new] = value64.detach()
+        consts.values[new] = env64[new]
+        consts.folded += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    consts.values = {n: v for n, v in consts.values.items() if n.graph is gm.graph and n in set(gm.graph.nodes)}
+    return consts
+
+
+def _fetch_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
+    args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Shape propagation
+# --------------------------------------------------------------------------------------------
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph once, storing each node's tensor metadata; records leaf inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, leaves: set[str]):
+        super().__init__(gm)
+        self.leaves = leaves
+        self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        if n.op == "call_module" and n.target in self.leaves:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.leaf_inputs[n] = (args, kwargs)
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _meta(result)
+            n.meta["reparam_shape"] = tuple(result.shape)
+        else:
+            n.meta.pop("tensor_meta", None)
+            n.meta.pop("reparam_shape", None)
+        return result
+
+
+def _meta(t: torch.Tensor) -> TensorMetadata:
+    return TensorMetadata(tuple(t.shape), t.dtype, t.requires_grad, t.stride(), torch.contiguous_format,
+                          False, {})
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = frozenset()):
+    """Annotate every node with the shape of its value on `args`; returns (output, leaf inputs)."""
+    recorder = _ShapeRecorder(gm, set(leaves))
+    with torch.no_grad():
+        out = recorder.run(*args)
+    return out, recorder.leaf_inputs
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    return node.meta.get("reparam_shape") if isinstance(node, torch.fx.Node) else None
+
+
+def dtype_of(node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return meta.dtype if meta is not None else None
+
+
+SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def is_shape_query(user: torch.fx.Node) -> bool:
+    """A user that reads only the shape/dtype/device of its input, not its values."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) >= 2:
+        return user.args[1] in SHAPE_QUERIES
+    if user.op == "call_method" and user.target in ("size", "dim", "numel", "ndimension", "get_device"):
+        return True
+    return user.op == "call_function" and user.target in (torch.numel,) or False
+
+
+__all__ = ["trace", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
+           "Constants", "operator"]
