@@ -132,6 +132,8 @@ def _load(args, *, batch_size=None):
     shape = ex.parse_input_shape(args.input_shape) if args.input_shape is not None else None
     loaded = ex.resolve_model(args.model, weights=args.weights, input_shape=shape,
                               image_size=args.image_size, batch_size=batch_size)
+    for note in loaded.notes:
+        _warn(note)
     example = loaded.example_input()
     ex.check_input_accepted(loaded.model, example, name=f"model {args.model!r}")
     return loaded, example
@@ -207,30 +209,27 @@ def cmd_explain(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import torch
-
     from . import export as ex
 
-    names = ex.registered_models()
     models = ex._models_module()
     rows = []
-    for name in names:
-        params = "?"
-        for device in ("meta", "cpu"):
-            try:
-                with ex.quiet(not args.verbose), torch.device(device):
-                    model = models.create(name)
-                params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
-                break
-            except Exception:
-                model = None
-        size = ex.registered_input_size(name, model)
-        rows.append([name, params, "x".join(str(d) for d in size) if size else "-"])
+    for name in ex.registered_models():
+        try:
+            with ex.quiet(not args.verbose):
+                params = f"{models.num_params(name) / 1e6:.2f}M"
+        except Exception:
+            params = "?"
+        size = ex.registered_input_size(name)
+        entry = getattr(models, "get_entry", lambda n: None)(name)
+        rows.append([name, params, "x".join(str(d) for d in size) if size else "-",
+                     str(getattr(entry, "description", "") or "")])
     if not rows:
         print("no registered models")
         return EXIT_OK
-    header = ["model", "params (unfused)", "input size"]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(3)]
+    header = ["model", "params (unfused)", "input size", "description"]
+    if not any(r[3] for r in rows):
+        header, rows = header[:3], [r[:3] for r in rows]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for row in rows:

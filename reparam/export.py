@@ -73,6 +73,7 @@ __all__ = [
     "resolve_model",
     "import_factory",
     "load_weights_into",
+    "registered_input_size",
     "check_input_accepted",
     "default_output_path",
     "check_output_path",
@@ -121,6 +122,7 @@ class LoadedModel:
     input_shape: tuple[int, ...]  # full shape of the example input, batch axis first
     weights: str | None  # the checkpoint it was loaded from, None for random initialisation
     registered: bool  # True for a registered name, False for package.module:factory
+    notes: list[str] = field(default_factory=list)  # e.g. checkpoint warnings, shown to the user
 
     def example_input(self) -> torch.Tensor:
         return _random_input(self.input_shape, CHECK_SEED + 1)
@@ -287,32 +289,18 @@ def registered_models() -> list[str]:
 
 
 def registered_input_size(name: str, model: nn.Module | None = None) -> tuple[int, ...] | None:
-    """The default input size (C, H, W) of a registered model, or None if it has none.
+    """The default input size (C, H, W) of a model, or None if it has none.
 
-    Asks `reparam.models` first (several spellings of the accessor), then the model instance
-    (`default_input_size`, `input_size`, timm-style `default_cfg['input_size']`).
+    For a registered name: `reparam.models.get_entry(name).input_size`. For any model instance:
+    a `default_input_size` or `input_size` attribute, or timm's `default_cfg['input_size']`.
     """
-    try:
-        models = importlib.import_module("reparam.models")
-    except ImportError:
-        models = None
     candidates: list[Any] = []
-    if models is not None:
-        for attr in ("default_input_size", "input_size", "get_input_size"):
-            fn = getattr(models, attr, None)
-            if callable(fn):
-                with contextlib.suppress(Exception):
-                    candidates.append(fn(name))
-        for attr in ("get_info", "model_info", "info", "get_config", "config"):
-            fn = getattr(models, attr, None)
-            if callable(fn):
-                with contextlib.suppress(Exception):
-                    candidates.append(_size_of(fn(name)))
-        for attr in ("REGISTRY", "registry", "MODELS", "_REGISTRY", "VARIANTS"):
-            table = getattr(models, attr, None)
-            if table is not None:
-                with contextlib.suppress(Exception):
-                    candidates.append(_size_of(table[name]))
+    if name is not None and not is_factory_spec(name):
+        try:
+            models = importlib.import_module("reparam.models")
+            candidates.append(_size_of(models.get_entry(name)))
+        except Exception:
+            pass
     if model is not None:
         candidates.append(_size_of(model))
     for c in candidates:
@@ -366,18 +354,23 @@ def resolve_model(spec: str, *, weights: str | os.PathLike | None = None,
         if not os.access(wpath, os.R_OK):
             raise InputError(f"weights file is not readable: {wpath}")
     torch.manual_seed(INIT_SEED)  # random initialisation is reproducible
-    if is_factory_spec(spec):
-        name, model = import_factory(spec)
-        registered = False
-        if weights is not None:
-            load_weights_into(model, weights)
-    else:
-        models = _models_module()
-        kwargs = {"weights": str(weights)} if weights is not None else {}
-        model = models.create(spec, **kwargs)
-        if not isinstance(model, nn.Module):  # pragma: no cover - the registry's contract
-            raise InputError(f"reparam.models.create({spec!r}) did not return an nn.Module")
-        name, registered = spec, True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if is_factory_spec(spec):
+            name, model = import_factory(spec)
+            registered = False
+            if weights is not None:
+                load_weights_into(model, weights)
+        else:
+            models = _models_module()
+            kwargs = {"weights": str(weights)} if weights is not None else {}
+            model = models.create(spec, **kwargs)
+            if not isinstance(model, nn.Module):  # pragma: no cover - the registry's contract
+                raise InputError(f"reparam.models.create({spec!r}) did not return an nn.Module")
+            name, registered = spec, True
+    # checkpoint notes (e.g. a classifier left out) are worth showing; library chatter is not
+    notes = [str(w.message) for w in caught
+             if w.category.__name__ == "CheckpointWarning"]
     model.eval()
 
     if input_shape is not None:
@@ -388,7 +381,7 @@ def resolve_model(spec: str, *, weights: str | os.PathLike | None = None,
         if image_size is not None:
             raise InputError("give either --input-shape or --image-size, not both")
     else:
-        default = registered_input_size(spec if registered else name, model)
+        default = registered_input_size(spec, model)
         if default is None:
             what = "has no registered input size" if not registered else "has no default input size"
             raise InputError(f"model {spec!r} {what}; give --input-shape, e.g."
@@ -404,71 +397,19 @@ def resolve_model(spec: str, *, weights: str | os.PathLike | None = None,
     if batch_size is not None and batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     return LoadedModel(name=name, model=model, input_shape=shape,
-                       weights=None if weights is None else str(weights), registered=registered)
+                       weights=None if weights is None else str(weights), registered=registered,
+                       notes=notes)
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (.safetensors, or a torch.save file read with weights_only=True).
+def load_weights_into(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a checkpoint into a user's model strictly (`reparam.checkpoints.load_checkpoint`).
 
-    Unwraps the usual containers ('state_dict', 'model', 'state_dict_ema', 'module') and strips a
-    'module.' prefix left by DataParallel.
+    A missing or unreadable file, or keys/shapes that do not fit, raise InputError with a summary.
+    Returns the loader's notes (e.g. a classifier left out).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise InputError("reading .safetensors needs the safetensors package"
-                             " (pip install safetensors)") from None
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise InputError(f"{path} is not a readable safetensors file: {_one_line(exc)}") from None
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"{path} is not a PyTorch checkpoint that can be read safely"
-                             f" ({type(exc).__name__}: {_one_line(exc)})") from None
-    for _ in range(3):
-        if isinstance(state, dict):
-            for key in ("state_dict", "model", "state_dict_ema", "model_ema", "module"):
-                if key in state and isinstance(state[key], dict):
-                    state = state[key]
-                    break
-            else:
-                break
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise InputError(f"{path} is not a checkpoint: expected a state_dict (a mapping of names"
-                         " to tensors), possibly under 'state_dict' or 'model'")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    from .checkpoints import load_checkpoint
 
-
-def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint into `model` strictly; a mismatch is an InputError with a summary."""
-    state = load_state_dict_file(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"checkpoint {path} does not match the model ({type(model).__name__}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_few(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_few(unexpected)}")
-        if shapes:
-            lines.append(f"  {len(shapes)} shape mismatches: "
-                         + _few([f"{k} {a} in the file vs {b} in the model" for k, a, b in shapes]))
-        raise InputError("\n".join(lines))
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+    return list(load_checkpoint(model, path).notes)
 
 
 def check_input_accepted(model: nn.Module, example: torch.Tensor, name: str = "model") -> Any:

@@ -6,6 +6,7 @@ JSON-ready data for tools.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 
@@ -103,14 +104,18 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}" if b else "-"
 
 
-def _table(header: list, rows: list[list]) -> str:
-    """A plain-text table; long cells are wrapped at 80 characters."""
+def _table(header: list, rows: list[list], wrap: int = 90) -> str:
+    """A plain-text table; cells of the last column longer than `wrap` continue on further lines."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    cells = [[c if len(c) <= 100 else c[:97] + "..." for c in row] for row in cells]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
+    last = min(wrap, max(len(row[-1]) for row in cells))
+    widths.append(last)
     out = []
     for k, row in enumerate(cells):
-        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        pieces = textwrap.wrap(row[-1], last, break_on_hyphens=False) or [""]
+        for j, piece in enumerate(pieces):
+            lead = row[:-1] if j == 0 else [""] * (len(row) - 1)
+            out.append("  ".join([c.ljust(w) for c, w in zip(lead, widths)] + [piece]).rstrip())
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -20,31 +20,34 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) -> nn.Module:
-    """A module computing `op` on a rank-`ndim` tensor whose channels are at `axis`."""
+    """A module computing `op` on a rank-`ndim` tensor whose channels are at `axis`.
+
+    The float64 weights are cast once, straight to `dtype`.
+    """
     keep_bias = bool(op.bias.any())
+    weight, bias = op.weight, op.bias
     if op.nd >= 1:
         m = _CONV[op.nd](op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
-                         op.groups, bias=keep_bias,
-                         padding_mode=op.padding_mode if op.has_padding else "zeros")
-        _set(m, op.weight, op.bias if keep_bias else None)
-        return m.to(device=device, dtype=dtype)
-    if op.is_per_channel:
-        m = ChannelAffine(op.weight.reshape(-1), op.bias, axis, ndim)
-        return m.to(device=device, dtype=dtype)
-    dense = affine.regrouped(op, 1)
-    if axis == ndim - 1:
-        m = nn.Linear(op.in_channels, op.out_channels, bias=keep_bias)
+                         op.groups, bias=keep_bias, padding_mode=op.padding_mode if op.has_padding else "zeros",
+                         device="meta")
+    elif op.is_per_channel:
+        m = ChannelAffine(torch.empty(op.out_channels, device="meta"), torch.empty(op.out_channels, device="meta"),
+                          axis, ndim)
+        weight, keep_bias = op.weight.reshape(-1), True
     else:
-        m = AxisLinear(op.in_channels, op.out_channels, axis, bias=keep_bias)
-    _set(m, dense.weight, dense.bias if keep_bias else None)
-    return m.to(device=device, dtype=dtype)
-
-
-def _set(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    with torch.no_grad():
-        m.weight.copy_(weight.reshape(m.weight.shape))
-        if bias is not None:
-            m.bias.copy_(bias)
+        dense = affine.regrouped(op, 1)
+        weight = dense.weight
+        if axis == ndim - 1:
+            m = nn.Linear(op.in_channels, op.out_channels, bias=keep_bias, device="meta")
+        else:
+            m = AxisLinear(op.in_channels, op.out_channels, axis, bias=keep_bias, device="meta")
+    params = [("weight" if not isinstance(m, ChannelAffine) else "scale", weight)]
+    if keep_bias:
+        params.append(("bias" if not isinstance(m, ChannelAffine) else "shift", bias))
+    for name, value in params:
+        shape = getattr(m, name).shape
+        setattr(m, name, nn.Parameter(value.reshape(shape).to(device=device, dtype=dtype)))
+    return m
 
 
 def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Graph) -> torch.fx.Node:

@@ -12,9 +12,18 @@ Module and parameter names follow timm's FastViT, so timm checkpoints load witho
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def trunc_normal_(w: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Fill `w` with a normal(0, std) truncated to +-2 std, by inverting the CDF (fast, exact)."""
+    with torch.no_grad():
+        bound = math.erf(2.0 / math.sqrt(2.0))  # 2 * Phi(2) - 1
+        return w.uniform_(-bound, bound).erfinv_().mul_(std * math.sqrt(2.0))
 
 
 class Identity(nn.Module):
@@ -217,7 +226,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_chs, in_chs, kernel_size=1)
         self.drop = Dropout(drop)
         for conv in (self.conv.conv, self.fc1, self.fc2):  # the reference's initialization
-            nn.init.trunc_normal_(conv.weight, std=0.02)
+            trunc_normal_(conv.weight, std=0.02)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
 

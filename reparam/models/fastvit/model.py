@@ -21,6 +21,7 @@ from .blocks import (
     RepCPE,
     RepMixerBlock,
     convolutional_stem,
+    trunc_normal_,
 )
 
 
@@ -169,6 +170,6 @@ def _init_weights(m: nn.Module) -> None:
     """Truncated-normal (std 0.02) weights and zero biases for linear and 1x1 FFN convs, as in the
     reference; other modules keep PyTorch's defaults."""
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
