@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["CheckpointWarning", "LoadResult", "read_state_dict", "load_checkpoint"]
+__all__ = ["CheckpointWarning", "LoadResult", "read_state_dict", "load_checkpoint", "load_state"]
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _SHOW = 5  # how many keys of each kind an error message lists
@@ -150,28 +150,46 @@ def load_checkpoint(
     family: str | None = None,
     model_name: str | None = None,
 ) -> LoadResult:
-    """Load a checkpoint file into `model` strictly (classifier excepted, see module docstring).
+    """Read a checkpoint file and load it into `model` strictly (classifier excepted, see the
+    module docstring). `reparam.models.create(name, weights=path)` calls this.
 
     convert: maps the checkpoint's naming to the model's, returning (state_dict, naming);
-        `reparam.models.create` passes the family's converter.
+        `create` passes the family's converter.
     family: registered family to search for a variant that fits when the shapes do not.
+    model_name: the model's name in messages (default: its class name).
     """
-    path = Path(path)
-    name = model_name or getattr(getattr(model, "cfg", None), "name", None) or type(model).__name__
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), source=str(path), convert=convert,
+                      family=family, model_name=model_name)
+
+
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "<state_dict>",
+    convert: Callable[[dict], tuple[dict, str]] | None = None,
+    family: str | None = None,
+    model_name: str | None = None,
+) -> LoadResult:
+    """`load_checkpoint` for a state_dict already in memory; `source` names it in messages."""
+    name = model_name or type(model).__name__
     naming = "as stored"
+    state = dict(state)
     if convert is not None:
         state, naming = convert(state)
 
     own = model.state_dict()
     head = tuple(getattr(model, "head_key_prefixes", ()))
-    is_head = lambda k: bool(head) and k.startswith(head)  # noqa: E731
+
+    def is_head(key: str) -> bool:
+        return bool(head) and key.startswith(head)
 
     missing = [k for k in own if k not in state and not is_head(k)]
     unexpected = [k for k in state if k not in own and not is_head(k)]
-    mismatched = [k for k in own if k in state and not is_head(k) and tuple(own[k].shape) != tuple(state[k].shape)]
+    mismatched = [k for k in own if k in state and not is_head(k)
+                  and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or mismatched:
-        raise InputError(_mismatch_message(path, naming, name, state, own, missing, unexpected,
+        raise InputError(_mismatch_message(source, naming, name, state, own, missing, unexpected,
                                            mismatched, family))
 
     notes, skipped, not_loaded = [], [], []
@@ -180,7 +198,7 @@ def load_checkpoint(
     if own_head != ckpt_head:
         skipped = sorted(ckpt_head)
         not_loaded = sorted(own_head)
-        notes.append(f"{path}: classifier not loaded: {_describe_head(ckpt_head)} in the checkpoint, "
+        notes.append(f"{source}: classifier not loaded: {_describe_head(ckpt_head)} in the checkpoint, "
                      f"{_describe_head(own_head)} in the model; "
                      + ("the model's classifier keeps its fresh initialization" if own_head else
                         "the model has none, the checkpoint's was ignored"))
@@ -188,11 +206,11 @@ def load_checkpoint(
 
     result = model.load_state_dict(state, strict=not not_loaded)
     leftover = sorted(set(result.missing_keys) - set(not_loaded))
-    if leftover or result.unexpected_keys:  # cannot happen after the checks above; be safe
-        raise InputError(f"{path}: loading left {leftover} unfilled and {result.unexpected_keys} unused")
+    if leftover or result.unexpected_keys:  # excluded by the checks above; kept as a guard
+        raise InputError(f"{source}: loading left {leftover} unfilled and {result.unexpected_keys} unused")
     for note in notes:
         warnings.warn(note, CheckpointWarning, stacklevel=3)
-    return LoadResult(str(path), naming, len(state), skipped, not_loaded, notes)
+    return LoadResult(source, naming, len(state), skipped, not_loaded, notes)
 
 
 def _describe_head(shapes: dict[str, tuple]) -> str:
@@ -201,8 +219,8 @@ def _describe_head(shapes: dict[str, tuple]) -> str:
     return ", ".join(f"{k} {list(s)}" for k, s in sorted(shapes.items()))
 
 
-def _mismatch_message(path, naming, name, state, own, missing, unexpected, mismatched, family) -> str:
-    lines = [f"checkpoint {path} ({naming} naming, {len(state)} tensors) does not fit {name} "
+def _mismatch_message(source, naming, name, state, own, missing, unexpected, mismatched, family) -> str:
+    lines = [f"checkpoint {source} ({naming} naming, {len(state)} tensors) does not fit {name} "
              f"({len(own)} tensors):"]
     if missing:
         lines.append(f"  {len(missing)} missing keys (in the model, not in the checkpoint): "
@@ -218,7 +236,7 @@ def _mismatch_message(path, naming, name, state, own, missing, unexpected, misma
     fits = _variants_that_fit(state, family)
     if fits:
         lines.append(f"The checkpoint's shapes fit {', '.join(repr(f) for f in fits)}: "
-                     f"use reparam.models.create({fits[0]!r}, weights={str(path)!r}).")
+                     f"use reparam.models.create({fits[0]!r}, weights={source!r}).")
     elif naming in ("unknown", "as stored"):
         lines.append("The keys are in no naming this model family knows.")
     return "\n".join(lines)

@@ -564,6 +564,8 @@ def write_onnx(fused: nn.Module, example: torch.Tensor, path: str | os.PathLike,
                         verbose=verbose or None, report=False, verify=False)
                     big = _param_bytes(fused) > _LARGE_MODEL_BYTES
                     onnx_program.save(str(path), external_data=True if big else None)
+                if dynamic_batch:
+                    _name_batch_axis(path)
             except Exception as exc:
                 raise ExportError(f"torch.onnx could not translate the fused model:"
                                   f" {type(exc).__name__}: {_one_line(exc)}"
@@ -677,6 +679,27 @@ def check_pt2_file(path: str | os.PathLike, fused: nn.Module, original: nn.Modul
                            f" {batch.shape[0]}: {type(exc).__name__}: {_one_line(exc)}") from None
     return [_compare(name, list(_leaves(outputs)), ref, int(batch.shape[0]), rtol, atol)
             for name, ref in _references(fused, original, batch)]
+
+
+def _name_batch_axis(path: str | os.PathLike, name: str = "batch") -> None:
+    """Rename the exporter's symbol for the batch axis (e.g. 's77') to `name` everywhere."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    symbol = dims[0].dim_param if len(dims) and dims[0].HasField("dim_param") else ""
+    if not symbol or symbol == name:
+        return
+    pattern = re.compile(rf"\b{re.escape(symbol)}\b")
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if not value.type.HasField("tensor_type"):
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = pattern.sub(name, dim.dim_param)
+    onnx.save(model, str(path))
 
 
 def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:

@@ -1,0 +1,15 @@
+"""Fixtures of the model-zoo tests; helpers live in fastvit_testlib.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """Keep tests comparable to CI's two cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(old, 2))
+    yield
+    torch.set_num_threads(old)

@@ -1,0 +1,82 @@
+"""Helpers shared by the model-zoo tests (imported as a plain module: pytest puts this folder on
+sys.path because tests/models has no __init__.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import reparam.models as models
+from reparam.models.fastvit.blocks import LayerScale2d
+
+ALL_VARIANTS = [
+    "fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12", "fastvit_sa24", "fastvit_sa36",
+    "fastvit_ma36", "fastvit_mci0", "fastvit_mci1", "fastvit_mci2",
+]
+APPLE_VARIANTS = ALL_VARIANTS[:7]  # the original release has no MobileCLIP towers
+SMALL_VARIANTS = {"fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12", "fastvit_mci0"}
+
+# Parameter counts of the fused reference models (DESIGN.md section 5), in millions.
+REFERENCE_FUSED_PARAMS_M = {
+    "fastvit_t8": 4.00, "fastvit_t12": 7.51, "fastvit_s12": 9.43, "fastvit_sa12": 11.55,
+    "fastvit_sa24": 21.50, "fastvit_sa36": 31.46, "fastvit_ma36": 43.98,
+}
+
+
+def read_keys(folder: Path, variant: str, naming: str) -> list[tuple[str, tuple[int, ...]]]:
+    """[(key, shape), ...] of `<variant>.<naming>-keys.json`, in module order."""
+    data = json.loads((folder / f"{variant}.{naming}-keys.json").read_text())
+    assert data["model"] == variant
+    return [(k, tuple(s)) for k, s in data["keys"]]
+
+
+def marked_state_dict(keys: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """A state_dict with the given keys and shapes where tensor i is filled with the value i + 1
+    (int64 for BatchNorm's num_batches_tracked), so a test can tell where every value went.
+    Filling is a memset: cheap even for the largest variants."""
+    out = {}
+    for i, (key, shape) in enumerate(keys):
+        dtype = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
+        out[key] = torch.full(shape, i + 1, dtype=dtype)
+    return out
+
+
+def load_reference(folder: Path, variant: str):
+    """(model in eval mode with the reference weights, input float32, expected logits)."""
+    from safetensors.torch import load_file
+
+    data = load_file(str(folder / f"{variant}.ref.safetensors"))
+    state = {k[len("model."):]: v.float() if v.is_floating_point() else v
+             for k, v in data.items() if k.startswith("model.")}
+    model = models.create(variant)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), data["input"].float(), data
+
+
+def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters and every layer scale
+    a value in [0.5, 1.5): with fresh BatchNorms (identity) and tiny layer scales (1e-5) a wrong
+    fusion would hide behind near-zero branches."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            elif isinstance(m, LayerScale2d):
+                m.gamma.copy_(torch.rand(m.gamma.shape, generator=g) + 0.5)
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(variant: str) -> nn.Module:
+    """One model per variant shared by read-only tests (building the big ones takes ~1 s)."""
+    torch.manual_seed(0)
+    return models.create(variant)
