@@ -123,3 +123,13 @@ def raising_factory():
 
 
 module_instance = rep_net()  # an nn.Module instance is accepted as well
+
+
+def rep_net_wide() -> nn.Module:
+    """Same structure as rep_net, twice as wide: its checkpoints do not fit rep_net."""
+    torch.manual_seed(0)
+    return _randomize_bn(RepNet(width=16))
+
+
+def example(batch: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))

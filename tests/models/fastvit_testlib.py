@@ -80,3 +80,40 @@ def cached_model(variant: str) -> nn.Module:
     """One model per variant shared by read-only tests (building the big ones takes ~1 s)."""
     torch.manual_seed(0)
     return models.create(variant)
+
+
+def train_briefly(model: nn.Module, steps: int = 3, size: int = 64, batch: int = 4,
+                  num_classes: int = 10, seed: int = 0) -> list[float]:
+    """A few Adam steps on a fixed random batch in train mode; returns the losses."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def expected_fused_convs(model: nn.Module) -> int:
+    """Convolutions a complete fusion leaves: one per MobileOne block with conv branches (RepMixer's
+    mixer and norm collapse into one), one per large-kernel conv, three per ConvFFN (depthwise 7x7,
+    fc1, fc2), one per RepCPE, two per squeeze-excitation."""
+    from reparam.models.fastvit import blocks
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, blocks.MobileOneBlock) and len(m.conv_kxk):
+            n += 1
+        elif isinstance(m, (blocks.ReparamLargeKernelConv, blocks.RepCPE)):
+            n += 1
+        elif isinstance(m, blocks.ConvMlp):
+            n += 3
+        elif isinstance(m, blocks.SqueezeExcite):
+            n += 2
+    return n
