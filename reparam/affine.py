@@ -435,6 +435,10 @@ def compose(after: AffineConv, before: AffineConv) -> AffineConv:
     reason = compose_refusal(after, before)
     if reason:
         raise ValueError(reason)
+    if after.is_per_channel:  # the common case (BatchNorm, layer scale after a conv): scale the rows
+        scale = after.weight.reshape(-1)
+        return replace(before, weight=before.weight * scale.reshape(-1, *([1] * (before.weight.dim() - 1))),
+                       bias=before.bias * scale + after.bias)
     stride, padding, dilation, kernel, g = composed_geometry(after, before)
     a, b = regrouped(before, g), regrouped(after, g)
     nd = a.nd

@@ -46,12 +46,10 @@ def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | 
     inputs = _check_inputs(example_input, name)
     work = _private_copy(model, name)
     with torch.no_grad():
-        reference = _run_reference(work, inputs, name)
+        reference = _run_reference(work, inputs, name) if verify else None
         start = time.perf_counter()
-        gm, report = _fuse_module(work, inputs, name)
+        fused, report = _fuse_module(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
-        fused = torch.fx.GraphModule(gm, gm.graph, class_name=name)
-        fused.eval()
         report.after = Counts(len(fused.graph.nodes), count_params(fused), count_macs(fused))
         if verify:
             output = fused(*inputs)
@@ -135,7 +133,12 @@ def _first_line(exc: BaseException) -> str:
 def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") -> tuple[torch.fx.GraphModule, Report]:
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules."""
     gm, failed = trace(module)
-    _, leaf_inputs = propagate_shapes(gm, inputs, set(failed))
+    try:
+        _, leaf_inputs = propagate_shapes(gm, inputs, set(failed))
+    except Exception as exc:
+        _run_reference(module, inputs, name)  # raises the clear error if the input is at fault
+        raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
+                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
     consts = fold_constants(gm)
@@ -150,10 +153,11 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     for qualname, reason in failed.items():  # leaves never reached on the example input
         if not any(leaf.module == f"{prefix}{qualname}" for leaf in report.leaves):
             report.leaves.append(Leaf(f"{prefix}{qualname}", reason, 0))
-    _drop_unused_constants(gm)
     gm.graph.lint()
-    gm.recompile()
-    return gm, report
+    # A fresh GraphModule holds only what the rewritten graph still uses.
+    fused = torch.fx.GraphModule(gm, gm.graph, class_name=name)
+    fused.eval()
+    return fused, report
 
 
 def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report) -> int:
@@ -208,13 +212,6 @@ def _device_of(module: nn.Module, inputs: tuple) -> torch.device:
     for b in module.buffers():
         return b.device
     return inputs[0].device
-
-
-def _drop_unused_constants(gm: torch.fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_buffers(recurse=False) if n.startswith("_reparam_const_")]:
-        if name not in used:
-            delattr(gm, name)
 
 
 __all__ = ["fuse", "explain"]
