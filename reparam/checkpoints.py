@@ -79,8 +79,9 @@ def _read_torch(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = str(exc)
+        if "GLOBAL" in text:  # the weights-only unpickler met a class or function reference
+            detail = _line_with(text, "GLOBAL")
             raise InputError(
                 f"refused to load {path}: it holds Python objects other than tensors and plain "
                 f"containers, and unpickling it could run code (read with torch.load(weights_only=True)). "
@@ -88,12 +89,19 @@ def _read_torch(path: Path):
             ) from None
         if _looks_like_safetensors(path):
             return _read_safetensors(path)
-        raise InputError(f"cannot read {path}: not a PyTorch checkpoint ({exc})") from None
+        raise InputError(f"cannot read {path}: not a PyTorch checkpoint "
+                         f"({_line_with(text, 'Unsupported') or type(exc).__name__})") from None
     except Exception as exc:  # zip errors, truncated files, EOF, ...
         if _looks_like_safetensors(path):
             return _read_safetensors(path)
         raise InputError(f"cannot read {path}: not a PyTorch checkpoint "
                          f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+
+
+def _line_with(text: str, word: str) -> str:
+    """The first line of `text` that contains `word`, shortened; '' if none."""
+    line = next((l.strip() for l in text.splitlines() if word in l), "")
+    return line if len(line) <= 240 else line[:237] + "..."
 
 
 def _looks_like_safetensors(path: Path) -> bool:

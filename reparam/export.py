@@ -206,9 +206,11 @@ class ExportResult:
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' (or '1x3x224x224') -> (1, 3, 224, 224); InputError when malformed."""
-    raw = text.strip().strip("()[]").replace("x", ",").replace(" ", ",")
-    parts = [p for p in raw.split(",") if p != ""]
-    if not parts:
+    import re
+
+    raw = text.strip().strip("()[]").strip()
+    parts = [p.strip() for p in re.split(r"[,x]", raw)] if raw else []
+    if not any(parts):
         raise InputError(f"--input-shape {text!r} is empty; expected e.g. 1,3,224,224")
     try:
         dims = tuple(int(p) for p in parts)

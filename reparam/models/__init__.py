@@ -88,12 +88,17 @@ def create(name: str, *, weights: str | Path | None = None, num_classes: int | N
     entry = get_entry(name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model = _build(entry, overrides)
+    state = None
     if weights is not None:
-        from ..checkpoints import load_checkpoint
+        from ..checkpoints import read_state_dict
 
-        load_checkpoint(model, weights, convert=entry.convert_state_dict, family=entry.family,
-                        model_name=entry.name)
+        state = read_state_dict(weights)  # a bad file fails before the model is built
+    model = _build(entry, overrides)
+    if state is not None:
+        from ..checkpoints import load_state
+
+        load_state(model, state, source=str(weights), convert=entry.convert_state_dict,
+                   family=entry.family, model_name=entry.name)
     return model
 
 

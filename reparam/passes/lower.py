@@ -50,12 +50,10 @@ def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) 
     return m
 
 
-def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Graph) -> torch.fx.Node:
+def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Graph, current) -> torch.fx.Node:
     """A copy of a layout node reading `value` instead of its tensor input."""
-    old_input = step_node.args[0]
-    args = (value,) + tuple(step_node.args[1:])
-    kwargs = dict(step_node.kwargs)
-    del old_input
+    args = (value,) + torch.fx.node.map_arg(tuple(step_node.args[1:]), current)
+    kwargs = torch.fx.node.map_arg(dict(step_node.kwargs), current)
     return graph.create_node(step_node.op, step_node.target, args, kwargs)
 
 
@@ -67,20 +65,26 @@ def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, devic
         query.replace_input_with(query.args[0], source)
     regions: list[FusedRegion] = []
     counter = 0
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # materialized node -> the value now standing for it
+
+    def current(n: torch.fx.Node) -> torch.fx.Node:
+        return replaced.get(n, n)
+
     for node in list(graph.nodes):
         form: Form | None = forms.forms.get(node)
         if form is None or node in forms.absorbed or not node.users:
             continue
         if form.op.is_identity and not form.has_layout:
-            node.replace_all_uses_with(form.source)
+            replaced[node] = current(form.source)
+            node.replace_all_uses_with(replaced[node])
             continue
         if form.origin is node:
             continue  # exactly the original operation: keep it as written
         dtype = dtype_of(node)
         with graph.inserting_before(node):
-            value = form.source
+            value = current(form.source)
             for step in form.before:
-                value = _replay(step.node, value, graph)
+                value = _replay(step.node, value, graph, current)
             if not form.op.is_identity:
                 name = f"{prefix}fused_{counter}"
                 counter += 1
@@ -90,8 +94,9 @@ def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, devic
                 value.meta.update({k: op_out.meta[k] for k in ("reparam_shape", "tensor_meta") if k in op_out.meta})
                 regions.append(FusedRegion(name, form.op.describe(), form.members, form.source.name))
             for step in form.after:
-                value = _replay(step.node, value, graph)
+                value = _replay(step.node, value, graph, current)
                 value.meta.update(step.node.meta)
+        replaced[node] = value
         node.replace_all_uses_with(value)
     graph.eliminate_dead_code()
     return regions

@@ -309,3 +309,28 @@ def test_bn_folds_through_layout_into_linear():
     assert len(modules_of(fused, nn.Linear)) == 2
     assert_same(model, fused, x)
     assert_same(model, fused, torch.randn(1, 8, 3, 6, dtype=torch.float64))
+
+
+class MixerThenFFN(nn.Module):
+    """A fused mixer whose output is needed twice (residual and FFN), the FFN's conv+BN reading it."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.mixer = RepMixer(c)
+        self.dw = conv_bn(c, c, 7, groups=c)
+        self.fc1 = nn.Conv2d(c, 4 * c, 1)
+        self.fc2 = nn.Conv2d(4 * c, c, 1)
+        self.ls = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        x = self.mixer(x)
+        return x + self.ls * self.fc2(torch.relu(self.fc1(self.dw(x))))
+
+
+def test_fused_value_feeding_another_fused_region():
+    model = nn.Sequential(MixerThenFFN(), MixerThenFFN())
+    fused, x = fused64(model, torch.randn(2, 8, 9, 9))
+    # per block: mixer -> 1 conv, dw+BN -> 1 conv, fc1, fc2 with the layer scale folded in
+    assert n_bns(fused) == 0 and n_convs(fused) == 8
+    assert call_targets(fused).count(operator.add) == 2 and operator.mul not in call_targets(fused)
+    assert_same(model, fused, x)
