@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", parents=[common, model_args],
                          help="fuse a model and write it as ONNX or torch.export (.pt2)",
-                         description="Fuse MODEL with reparam.fuse, write it as ONNX (dynamic"
-                         " batch) or a torch.export program, check the file against the fused and"
-                         " the original model, and move it into place only if every check passed.",
+                         description="Fuse MODEL with reparam.fuse, write it as ONNX (dynamic\n"
+                         "batch) or a torch.export program, check the file against the fused and\n"
+                         "the original model, and move it into place only if every check passed.",
                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("-o", "--output", metavar="OUT",
                      help="output file (default: <model>.onnx or <model>.pt2 in this folder)")
@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fix the batch size of the file to N (default: dynamic batch axis)")
     exp.add_argument("--opset", type=_positive_int, metavar="N",
                      help="ONNX opset version (default: the exporter's recommended one)")
-    exp.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
-                     help="ONNX exporter: torch.export-based (dynamo), the legacy TorchScript one,"
-                          " or auto (dynamo, TorchScript when torch.export fails; default)")
+    exp.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                     help="ONNX exporter: torch.export + torch.onnx (dynamo, default), or the"
+                          " legacy TorchScript tracer, which records only the control flow taken"
+                          " for the example input")
     exp.add_argument("--no-verify", action="store_true",
                      help="skip every check (fusion verification, onnx.checker, ONNX Runtime)")
     exp.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -157,10 +158,11 @@ def cmd_export(args) -> int:
 
     t0 = time.perf_counter()
     fmt = args.format
-    if args.output is not None and fmt is None:
-        suffix = os.path.splitext(args.output)[1].lstrip(".").lower()
+    suffix = os.path.splitext(args.output)[1].lstrip(".").lower() if args.output else ""
+    if fmt is None:
         fmt = suffix if suffix in ("onnx", "pt2") else "onnx"
-    fmt = fmt or "onnx"
+    elif suffix in ("onnx", "pt2") and suffix != fmt:
+        raise _Usage(f"--format {fmt} contradicts the output name {args.output}")
     if args.opset is not None and fmt != "onnx":
         raise _Usage("--opset only applies to --format onnx")
     if args.input_shape is not None:  # malformed shapes are reported before anything else
@@ -170,12 +172,12 @@ def cmd_export(args) -> int:
     stem = args.model.rpartition(":")[2] if ex.is_factory_spec(args.model) else args.model
     output = args.output if args.output is not None else ex.default_output_path(stem, fmt)
     output = ex.check_output_path(output, force=args.force)
-    _weights_notice(args)
 
     say = (lambda m: print(f"[reparam] {m}", file=sys.stderr)) if args.verbose else None
     if say:
         say(f"building {args.model}")
     loaded, example = _load(args, batch_size=args.batch_size)
+    _weights_notice(args)
     shape = ",".join(str(d) for d in loaded.input_shape)
     print(f"model: {args.model} ({type(loaded.model).__name__}), example input {shape}, weights:"
           f" {loaded.weights or 'randomly initialised (no --weights)'}")

@@ -30,12 +30,13 @@ dropped branch or a misplaced bias shows up at 1e-2 and more. The margin leaves 
 models without hiding real errors.
 
 Exporter. `torch.onnx.export(..., dynamo=True)` (the default of torch >= 2.9) applied to the
-`torch.export.ExportedProgram` of the fused GraphModule: deterministic output, dynamic batch through
-`dynamic_shapes`, and one traced program shared by the ONNX and the .pt2 writers. If
-`torch.export` cannot trace the model (e.g. data-dependent control flow inside a submodule the
-compiler kept as a leaf) and `exporter="auto"`, the legacy TorchScript exporter (`dynamo=False`)
-is tried instead, and the result says so: that exporter records the control flow taken for the
-example input only.
+`torch.export.ExportedProgram` of the fused GraphModule: deterministic output (same bytes every
+run), a dynamic batch axis through `dynamic_shapes` (renamed `batch` in the file), and one traced
+program shared by the ONNX and the .pt2 writers. The legacy TorchScript exporter (`dynamo=False`)
+is available with `exporter="torchscript"` but never chosen silently: where torch.export fails
+(data-dependent control flow, e.g. inside a submodule the compiler kept as a leaf) it records the
+branch taken for the example input only, so the file could be right on the checked batch and
+wrong on others.
 """
 
 from __future__ import annotations
@@ -529,53 +530,55 @@ def _torch_export(module: nn.Module, example: torch.Tensor, dynamic_batch: bool)
 
 
 def write_onnx(fused: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
-               opset: int | None = None, dynamic_batch: bool = True, exporter: str = "auto",
+               opset: int | None = None, dynamic_batch: bool = True, exporter: str = "dynamo",
                verbose: bool = False) -> tuple[str, list[str]]:
     """Write `fused` as ONNX to `path`. Returns (exporter used, notes).
 
-    exporter: "dynamo" (torch.export + torch.onnx), "torchscript" (legacy torch.onnx), or "auto"
-    (dynamo, falling back to torchscript when torch.export cannot trace the model).
+    exporter: "dynamo" (torch.export, then torch.onnx's translation of the program; the default)
+    or "torchscript" (the legacy torch.onnx tracer, `dynamo=False`, opset 17 unless given). The
+    TorchScript tracer records only the control flow taken for `example`; it is never chosen
+    silently, because a file that is right on the checked batch and wrong on others would pass
+    every check.
     Weights are embedded in the .onnx file unless the model is larger than ~1.8 GB, in which case
     the exporter writes `<file>.data` beside it.
     """
-    if exporter not in ("auto", "dynamo", "torchscript"):
-        raise InputError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
+    if exporter not in ("dynamo", "torchscript"):
+        raise InputError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
     path = Path(path)
     notes: list[str] = []
     n_out = _count_outputs(fused, example)
     output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-    if exporter in ("auto", "dynamo"):
+    if exporter == "dynamo":
+        log = io.StringIO()
         try:
             with quiet(not verbose) as log:
                 program = _torch_export(fused, example, dynamic_batch)
         except ExportError:
             raise
         except Exception as exc:
-            if exporter == "dynamo":
-                raise ExportError(f"torch.export could not trace the fused model:"
-                                  f" {type(exc).__name__}: {_one_line(exc)}") from exc
-            notes.append("torch.export could not trace the fused model"
-                         f" ({type(exc).__name__}: {_one_line(exc, 160)}); used the TorchScript"
-                         " exporter, which records the control flow taken for the example input")
-        else:
-            try:
-                with quiet(not verbose) as log:
-                    onnx_program = torch.onnx.export(
-                        program, (example,), dynamo=True, opset_version=opset,
-                        input_names=["input"], output_names=output_names, optimize=True,
-                        verbose=verbose or None, report=False, verify=False)
-                    big = _param_bytes(fused) > _LARGE_MODEL_BYTES
-                    onnx_program.save(str(path), external_data=True if big else None)
-                if dynamic_batch:
-                    _name_batch_axis(path)
-            except Exception as exc:
-                raise ExportError(f"torch.onnx could not translate the fused model:"
-                                  f" {type(exc).__name__}: {_one_line(exc)}"
-                                  + _tail_hint(log.getvalue())) from exc
-            return "torch.export + torch.onnx (dynamo)", notes
+            raise ExportError(f"torch.export could not trace the fused model:"
+                              f" {type(exc).__name__}: {_one_line(exc)}; `--exporter torchscript`"
+                              " may export it, but records only the control flow taken for the"
+                              " example input") from exc
+        try:
+            with quiet(not verbose) as log:
+                onnx_program = torch.onnx.export(
+                    program, (example,), dynamo=True, opset_version=opset,
+                    input_names=["input"], output_names=output_names, optimize=True,
+                    verbose=verbose or None, report=False, verify=False)
+                big = _param_bytes(fused) > _LARGE_MODEL_BYTES
+                onnx_program.save(str(path), external_data=True if big else None)
+            if dynamic_batch:
+                _name_batch_axis(path)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx could not translate the fused model:"
+                              f" {type(exc).__name__}: {_one_line(exc)}"
+                              + _tail_hint(log.getvalue())) from exc
+        return "torch.export + torch.onnx (dynamo)", notes
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {"input": {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+    log = io.StringIO()
     try:
         with quiet(not verbose) as log:
             torch.onnx.export(fused, (example,), str(path), dynamo=False,
@@ -585,12 +588,15 @@ def write_onnx(fused: nn.Module, example: torch.Tensor, path: str | os.PathLike,
     except Exception as exc:
         raise ExportError(f"the TorchScript ONNX exporter failed: {type(exc).__name__}:"
                           f" {_one_line(exc)}" + _tail_hint(log.getvalue())) from exc
+    notes.append("the TorchScript exporter records the control flow taken for the example input"
+                 " only")
     return "torchscript (torch.onnx, dynamo=False)", notes
 
 
 def write_pt2(fused: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
               dynamic_batch: bool = True, verbose: bool = False) -> tuple[str, list[str]]:
     """Write `fused` as a torch.export program (`torch.export.save`). Returns (exporter, notes)."""
+    log = io.StringIO()
     try:
         with quiet(not verbose) as log:
             program = _torch_export(fused, example, dynamic_batch)
@@ -746,7 +752,7 @@ def onnx_opset(path: str | os.PathLike) -> int | None:
 def export_model(model: nn.Module, example_input: torch.Tensor, output: str | os.PathLike, *,
                  format: str | None = None, opset: int | None = None,
                  batch_size: int | None = None, verify: bool = True, force: bool = False,
-                 exporter: str = "auto", verbose: bool = False, rtol: float = RTOL,
+                 exporter: str = "dynamo", verbose: bool = False, rtol: float = RTOL,
                  atol: float = ATOL, fuse: Callable[..., Any] | None = None,
                  log: Callable[[str], None] | None = None) -> ExportResult:
     """Fuse `model`, write it to `output` (ONNX or .pt2), check it, and move it into place.
@@ -788,12 +794,20 @@ def export_model(model: nn.Module, example_input: torch.Tensor, output: str | os
     try:
         tmp = tmpdir / out.name  # the final name, so external data references stay valid
         say(f"exporting to {fmt}")
-        if fmt == "onnx":
-            used, notes = write_onnx(fused, export_example, tmp, opset=opset, dynamic_batch=dynamic,
-                                     exporter=exporter, verbose=verbose)
-        else:
-            used, notes = write_pt2(fused, export_example, tmp, dynamic_batch=dynamic,
-                                    verbose=verbose)
+        try:
+            if fmt == "onnx":
+                used, notes = write_onnx(fused, export_example, tmp, opset=opset,
+                                         dynamic_batch=dynamic, exporter=exporter, verbose=verbose)
+            else:
+                used, notes = write_pt2(fused, export_example, tmp, dynamic_batch=dynamic,
+                                        verbose=verbose)
+        except ExportError as exc:
+            leaves = list(getattr(report, "leaves", None) or [])
+            if leaves:  # the likely culprit: submodules torch.fx could not trace either
+                names = ", ".join(f"{leaf.module} ({leaf.reason})" for leaf in leaves[:3])
+                raise ExportError(f"{exc}\nsubmodules kept whole because they cannot be traced"
+                                  f" (data-dependent control flow?): {names}") from exc
+            raise
         checks: list[Check] = []
         if verify:
             say(f"checking the file on a random batch of {check_batch_size}")

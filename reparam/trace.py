@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import TraceFailure
+from .passes.cleanup import remove_dead_nodes
 
 
 class _FallbackTracer(torch.fx.Tracer):
@@ -150,8 +151,7 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
         consts.values[new] = env64[new]
         consts.folded += 1
     if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        remove_dead_nodes(gm)
     consts.values = {n: v for n, v in consts.values.items() if n.graph is gm.graph and n in set(gm.graph.nodes)}
     return consts
 

@@ -268,8 +268,6 @@ class LinearFormPass:
         fb, own_b = self.input_form(b, axis)
         if fa is None or fb is None:
             return None
-        if a is b:
-            own_a = own_b = False
         if not _same_space(fa, fb):
             return None  # different sources: a join of two values, not one map
         ops = [fa.op, affine.scaled(fb.op, rule.signs[1]) if rule.signs[1] != 1.0 else fb.op]

@@ -14,6 +14,7 @@ from .. import affine
 from ..affine import AffineConv
 from ..modules import AxisLinear, ChannelAffine
 from ..report import FusedRegion
+from .cleanup import remove_dead_nodes
 from .linear_forms import Form, LinearFormPass
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -92,11 +93,12 @@ def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, devic
                 value = graph.call_module(name, (value,))
                 op_out = form.after[0].node.args[0] if form.after else node
                 value.meta.update({k: op_out.meta[k] for k in ("reparam_shape", "tensor_meta") if k in op_out.meta})
-                regions.append(FusedRegion(name, form.op.describe(), form.members, form.source.name))
+                members = tuple(dict.fromkeys(form.members))  # `x + x` lists x's members once
+                regions.append(FusedRegion(name, form.op.describe(), members, current(form.source).name))
             for step in form.after:
                 value = _replay(step.node, value, graph, current)
                 value.meta.update(step.node.meta)
         replaced[node] = value
         node.replace_all_uses_with(value)
-    graph.eliminate_dead_code()
+    remove_dead_nodes(gm)
     return regions

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import affine
 from ..trace import Constants, shape_of
+from .cleanup import is_in_place
 
 # Argument names of the functional forms, for binding positional and keyword arguments alike.
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -117,6 +118,10 @@ class Classifier:
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
         self.gm = gm
         self.consts = consts
+        # Values updated in place while something else still reads them: their readers keep their
+        # original order, so no linear op that reads them is touched.
+        self.mutated = {n.args[0] for n in gm.graph.nodes if is_in_place(gm, n)
+                        and isinstance(n.args[0], torch.fx.Node) and len(n.args[0].users) > 1}
 
     def const(self, value) -> torch.Tensor | None:
         """The float64 value of a constant argument (a number or a parameter/buffer), else None."""
@@ -132,6 +137,8 @@ class Classifier:
 
     def __call__(self, node: torch.fx.Node) -> LinearOp | None:
         if shape_of(node) is None or not _is_float(node):
+            return None
+        if any(n in self.mutated for n in node.all_input_nodes):
             return None
         if node.op == "call_module":
             return self._module(node, self.gm.get_submodule(node.target))

@@ -334,3 +334,43 @@ def test_fused_value_feeding_another_fused_region():
     assert n_bns(fused) == 0 and n_convs(fused) == 8
     assert call_targets(fused).count(operator.add) == 2 and operator.mul not in call_targets(fused)
     assert_same(model, fused, x)
+
+
+def test_value_added_to_itself():
+    class Double(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cb = conv_bn(4, 4, 3)
+
+        def forward(self, x):
+            y = self.cb(x)
+            return torch.relu(y + y)
+
+    model = Double()
+    fused, x = fused64(model, torch.randn(1, 4, 6, 6))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0 and len(fused.report.regions) == 1
+    assert_same(model, fused, x)
+
+
+def test_in_place_update_of_a_shared_value_is_not_fused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = y * 2.0
+            y.add_(1.0)  # z must not see this update; y's later readers must
+            return z + y
+
+    model = InPlace()
+    fused, x = fused64(model, torch.randn(1, 4, 6, 6))
+    assert_same(model, fused, x)
+
+
+def test_inplace_activation_after_conv_bn_still_fuses():
+    model = nn.Sequential(conv_bn(4, 4, 3), nn.ReLU(inplace=True), conv_bn(4, 4, 1))
+    fused, x = fused64(model, torch.randn(1, 4, 6, 6))
+    assert n_convs(fused) == 2 and n_bns(fused) == 0
+    assert_same(model, fused, x)
