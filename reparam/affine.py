@@ -327,7 +327,9 @@ def sum_refusal(ops: list[AffineConv]) -> str | None:
         return "branches pad with different padding modes"
     if mode != "zeros":
         # Summing kernels of different extents under reflect/replicate padding is not a kernel sum.
-        if len({(op.kernel_size, op.padding, op.dilation) for op in ops}) > 1:
+        geometry = {(op.kernel_size, op.padding, tuple(d if k > 1 else 1 for k, d in zip(op.kernel_size, op.dilation)))
+                    for op in ops}
+        if len(geometry) > 1:
             return f"padding_mode='{mode}' branches of different geometry cannot share one padding"
     return None
 

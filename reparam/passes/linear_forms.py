@@ -90,6 +90,8 @@ class LinearFormPass:
         self.absorbed: set[torch.fx.Node] = set()
         self.rewire: dict[torch.fx.Node, torch.fx.Node] = {}  # shape query -> node it now reads
         self.refusals: list[RefusalRecord] = []
+        self.over_budget: dict[torch.fx.Node, str] = {}  # partial sums dearer than their parts
+        self.absorbed_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> "LinearFormPass":
@@ -100,6 +102,7 @@ class LinearFormPass:
             form = getattr(self, "_visit_" + rule.kind)(node, rule)
             if form is not None:
                 self.forms[node] = form
+        self._settle_partial_sums()
         return self
 
     def refuse(self, where: str, reason: str) -> None:
@@ -271,23 +274,52 @@ class LinearFormPass:
         if not _same_space(fa, fb):
             return None  # different sources: a join of two values, not one map
         ops = [fa.op, affine.scaled(fb.op, rule.signs[1]) if rule.signs[1] != 1.0 else fb.op]
-        where = ", ".join(fa.members + fb.members + (rule.member,))
+        members = fa.members + fb.members + (rule.member,)
         reason = affine.sum_refusal(ops)
-        npos = positions(shape_of(node), fa.axis)
-        parts = fa.parts_cost + fb.parts_cost
-        if reason is None:
-            fused_cost = affine.sum_cost(ops) * npos
-            if fused_cost > parts:
-                reason = (f"not cheaper: one {affine.add(ops).describe()} would cost {fused_cost:,} MACs "
-                          f"against {parts:,} for the branches")
         if reason:
-            self.refuse(where, reason)
+            self.refuse(", ".join(members), reason)
             return None
-        for x, owned in ((a, own_a), (b, own_b)):
-            if owned:
-                self.absorb(x)
-        return replace(fa, op=affine.add(ops), members=fa.members + fb.members + (rule.member,),
-                       parts_cost=parts, origin=None)
+        fused = affine.add(ops)
+        parts = fa.parts_cost + fb.parts_cost
+        fused_cost = fused.cost * positions(shape_of(node), fa.axis)
+        if fused_cost > parts:
+            reason = (f"not cheaper: one {fused.describe()} would cost {fused_cost:,} MACs against {parts:,} "
+                      "for the branches")
+            if not self._feeds_a_sum(node):
+                self.refuse(", ".join(members), reason)
+                return None
+            # A partial sum (3x1 + 1x3 before the 3x3 is added) may be dearer than its parts while
+            # the whole sum is not: decide when the sum is complete (see `_settle_partial_sums`).
+            self.over_budget[node] = reason
+        owned = [x for x, own in ((a, own_a), (b, own_b)) if own]
+        for x in owned:
+            self.absorb(x)
+        self.absorbed_inputs[node] = owned
+        return replace(fa, op=fused, members=members, parts_cost=parts, origin=None)
+
+    def _feeds_a_sum(self, node) -> bool:
+        users = self._real_users(node)
+        if len(users) != 1:
+            return False
+        rule = self.classify(users[0])
+        return rule is not None and rule.kind == "sum"
+
+    def _settle_partial_sums(self) -> None:
+        """Undo over-budget sums that were not completed by a cheaper enclosing sum."""
+        pending = [n for n in self.over_budget if n not in self.absorbed]
+        while pending:
+            node = pending.pop()
+            reason = self.over_budget.pop(node, None)
+            if reason is None or node in self.absorbed:
+                continue
+            form = self.forms.pop(node)
+            self.refuse(", ".join(form.members), reason)
+            for x in self.absorbed_inputs.get(node, []):
+                self.absorbed.discard(x)
+                for user in x.users:
+                    self.rewire.pop(user, None)
+                if x in self.over_budget:
+                    pending.append(x)
 
     def _visit_concat(self, node, rule: LinearOp) -> Form | None:
         shape = shape_of(node)
