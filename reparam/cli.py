@@ -14,6 +14,7 @@ traceback reaches the user unless -v (unexpected errors) or --debug (every error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -265,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BrokenPipeError:  # `reparam list | head -1`: the reader went away, not an error
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except (_Usage, InputError) as exc:
         if debug:
             traceback.print_exc()

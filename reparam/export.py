@@ -182,6 +182,10 @@ class ExportResult:
         refusals = len(getattr(rep, "refusals", []) or [])
         lines.append(f"fused regions: {regions}, refusals: {refusals}"
                      " (run `reparam explain` for details)")
+        diff, allowed = getattr(rep, "max_abs_diff", None), getattr(rep, "tolerance", None)
+        if diff is not None:
+            lines.append(f"fusion verified on the example input: max |fused - original| ="
+                         f" {diff:.3g}" + (f" (allowed {allowed:.3g})" if allowed is not None else ""))
         if self.format == "onnx":
             ops = ", ".join(f"{k}: {v}" for k, v in sorted(self.op_counts.items(),
                                                          key=lambda kv: (-kv[1], kv[0])))
@@ -273,8 +277,10 @@ def import_factory(spec: str) -> tuple[str, nn.Module]:
         raise InputError(f"calling the factory {spec!r}() failed: {type(exc).__name__}:"
                          f" {_one_line(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"the factory {spec!r} returned a {type(model).__module__}."
-                         f"{type(model).__qualname__}, not a torch.nn.Module")
+        kind = type(model).__qualname__
+        if type(model).__module__ != "builtins":
+            kind = f"{type(model).__module__}.{kind}"
+        raise InputError(f"the factory {spec!r} returned a {kind}, not a torch.nn.Module")
     return attr, model
 
 

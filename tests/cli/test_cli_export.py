@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import toy_models
-from conftest import assert_clean_error, fuses_anything, run_cli
+from cli_helpers import assert_clean_error, fuses_anything, run_cli
 
 SHAPE = "1,3,32,32"
 
@@ -90,50 +90,43 @@ def test_onnx_is_fused_no_batchnorm_fewer_convs(toy_onnx, tmp_path):
     assert fused_ops["Conv"] < unfused_ops["Conv"]
 
 
-def test_force_overwrites_only_when_asked_and_export_is_deterministic(toy_onnx, cli, tmp_path):
+def test_force_overwrites_only_when_asked_and_export_is_deterministic(toy_onnx, cli, tmp_path,
+                                                                     monkeypatch, capsys):
     target = tmp_path / "rep_net.onnx"
     target.write_bytes(b"precious")
     refused = cli("export", "toy_models:rep_net", "--input-shape", SHAPE)
     assert_clean_error(refused, 2, "already exists", "--force")
     assert target.read_bytes() == b"precious"
 
-    forced = cli("export", "toy_models:rep_net", "--input-shape", SHAPE, "--force", "--no-verify")
-    assert forced.returncode == 0, forced.output
-    assert "checks skipped" in forced.stdout
+    # the forced run in-process (same code path as the command, without another interpreter)
+    from reparam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "toy_models:rep_net", "--input-shape", SHAPE, "--force"]) == 0
+    assert "rep_net.onnx" in capsys.readouterr().out
     folder, _ = toy_onnx
     assert target.read_bytes() == (folder / "rep_net.onnx").read_bytes()  # same bytes each time
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep_net.onnx"]
 
 
 def test_pt2_round_trip_with_dynamic_batch(cli, tmp_path):
-    result = cli("export", "toy_models:rep_net", "--input-shape", SHAPE, "--format", "pt2",
-                 "-o", "net.pt2")
+    # rep_net_sized declares its input size (3, 32, 32), so --image-size applies; -v shows progress
+    result = cli("export", "toy_models:rep_net_sized", "--image-size", "16", "--format", "pt2",
+                 "-o", "net.pt2", "-v")
     assert result.returncode == 0, result.output
+    assert "example input 1,3,16,16" in result.stdout
+    assert "[reparam] fusing" in result.stderr
     assert "exporter: torch.export, dynamic batch axis" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]
     program = torch.export.load(str(tmp_path / "net.pt2"))
     model = toy_models.rep_net()
     with torch.no_grad():
         for batch in (1, 3):
-            x = toy_models.example(batch)
+            x = toy_models.example(batch, size=16)
             torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_model_with_a_fixed_batch_needs_batch_size(cli, tmp_path):
     failed = cli("export", "toy_models:fixed_batch", "--input-shape", "2,3,8,8", "-o", "fb.onnx")
     assert_clean_error(failed, 1, "--batch-size")
-    assert list(tmp_path.iterdir()) == []
-
-    fixed = cli("export", "toy_models:fixed_batch", "--input-shape", "2,3,8,8", "-o", "fb.onnx",
-                "--batch-size", "2")
-    assert fixed.returncode == 0, fixed.output
-    assert "fixed batch size" in fixed.stdout
-    assert _ort(tmp_path / "fb.onnx").get_inputs()[0].shape == [2, 3, 8, 8]
-
-
-def test_model_that_declares_its_input_size_takes_image_size(cli, tmp_path):
-    result = cli("export", "toy_models:rep_net_sized", "--image-size", "16", "-o", "sized.onnx",
-                 "-v")
-    assert result.returncode == 0, result.output
-    assert "example input 1,3,16,16" in result.stdout
-    assert "[reparam] fusing" in result.stderr  # -v shows progress
+    assert list(tmp_path.iterdir()) == []  # the fixed-batch export itself: test_cli_lib.py

@@ -133,3 +133,45 @@ def rep_net_wide() -> nn.Module:
 
 def example(batch: int = 1, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+class BnBeforePaddedConv(nn.Module):
+    """A BatchNorm (non-zero shift) before a padded 3x3 conv: cannot be folded exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def refused_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(BnBeforePaddedConv())
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx and torch.export cannot trace it."""
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x * 2
+        return x - 1
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.bn(self.conv(x)))
+
+
+def gated_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(GatedNet())
