@@ -35,6 +35,9 @@ class ModelEntry:
     num_classes: int = 1000  # default classifier width
     # maps a state_dict in any published naming to the model's own; returns (state_dict, naming)
     convert_state_dict: Callable[[dict], tuple[dict, str]] | None = None
+    # (our naming) weight of the classifier, (num_classes, features); lets create() take the
+    # classifier width from a checkpoint
+    classifier_key: str | None = None
     description: str = ""
 
 
@@ -77,22 +80,24 @@ def create(name: str, *, weights: str | Path | None = None, num_classes: int | N
     """Build a registered model in training form (train mode, like any new nn.Module).
 
     name: a name from `list_models()`.
-    weights: a local checkpoint to load (see `reparam.checkpoints.load_checkpoint`): original
-        or timm naming, `.pth.tar`/`.pth`/`.pt`/`.bin` (read with weights_only=True) or
-        `.safetensors`. A checkpoint whose classifier width differs from the model's loads
-        everything but the classifier and warns (`CheckpointWarning`).
-    num_classes: classifier width; None uses the variant's default (1000 for ImageNet models,
-        512 for the MobileCLIP towers); 0 gives a model that returns pooled features.
+    weights: a local checkpoint to load (see `reparam.checkpoints`): original or timm naming,
+        `.pth.tar`/`.pth`/`.pt`/`.bin` (read with weights_only=True) or `.safetensors`.
+    num_classes: classifier width; 0 gives a model that returns pooled features. None takes the
+        checkpoint's width when `weights` has a classifier, else the variant's default (1000 for
+        ImageNet models, 512 for the MobileCLIP towers). An explicit width that differs from the
+        checkpoint's loads everything but the classifier and warns (`CheckpointWarning`).
     overrides: fields of the family's config, e.g. drop_path_rate=0.1, features_only=True.
     """
     entry = get_entry(name)
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
     state = None
     if weights is not None:
         from ..checkpoints import read_state_dict
 
         state = read_state_dict(weights)  # a bad file fails before the model is built
+        if num_classes is None:
+            num_classes = _classifier_width(entry, state)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
     model = _build(entry, overrides)
     if state is not None:
         from ..checkpoints import load_state
@@ -100,6 +105,16 @@ def create(name: str, *, weights: str | Path | None = None, num_classes: int | N
         load_state(model, state, source=str(weights), convert=entry.convert_state_dict,
                    family=entry.family, model_name=entry.name)
     return model
+
+
+def _classifier_width(entry: ModelEntry, state: dict) -> int | None:
+    """The number of classes of a checkpoint's classifier, None if it has none we recognise."""
+    if entry.classifier_key is None:
+        return None
+    if entry.convert_state_dict is not None:
+        state, _ = entry.convert_state_dict(state)
+    weight = state.get(entry.classifier_key)
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
 
 
 def _build(entry: ModelEntry, overrides: dict) -> nn.Module:

@@ -107,10 +107,13 @@ class BlockSpec:
     stride: tuple[int, ...]
     branches: tuple
     signs: tuple[int, ...]
-    spelling: str = "op"  # "op", "torch", "method", "alpha"
-    scale: str | None = None  # None, "channel", "scalar", "bcast" (shape [1, C, 1..]), "div"
+    spelling: str = "op"  # "op", "torch", "method", "alpha"; "tree": balanced pairwise sums
+    # None, "channel" (parameter [C, 1..]), "scalar" (parameter []), "bcast" (parameter [1, C, 1..]),
+    # "div" (out / parameter [C, 1..]), "const" (a Python float)
+    scale: str | None = None
     scale_left: bool = True
-    shift: bool = False  # out + beta (per channel) after the scale
+    shift: str | None = None  # per-channel parameter beta: "add" out + beta, "radd" beta + out,
+    #                           "sub" out - beta, "rsub" beta - out; after the scale
     residual: bool = False  # x + out, outside the scale
 
     @property
@@ -213,6 +216,25 @@ def _combine(out, y, sign: int, spelling: str):
     return out + y if sign > 0 else out - y
 
 
+def _tree_sum(terms: list) -> object:
+    """Balanced pairwise sum of signed terms [(value, sign)], as `(a + b) + (c - d)`."""
+    while len(terms) > 1:
+        nxt = []
+        for i in range(0, len(terms) - 1, 2):
+            (a, sa), (b, sb) = terms[i], terms[i + 1]
+            if sa == sb:
+                nxt.append((a + b, sa))
+            elif sa > 0:
+                nxt.append((a - b, 1))
+            else:
+                nxt.append((b - a, 1))
+        if len(terms) % 2:
+            nxt.append(terms[-1])
+        terms = nxt
+    value, sign = terms[0]
+    return value if sign > 0 else -value
+
+
 class Block(nn.Module):
     """Signed sum of branches over one input, then layer scale, shift and residual (see BlockSpec)."""
 
@@ -245,19 +267,30 @@ class Block(nn.Module):
             self.beta = nn.Parameter(torch.zeros(cout, *([1] * nd)))
 
     def forward(self, x):
-        out = None
-        for branch, sign in zip(self.branches, self.signs):
-            y = x if isinstance(branch, RawInput) else branch(x)
-            if out is None:
-                out = y if sign > 0 else -y
-            else:
-                out = _combine(out, y, sign, self.spelling)
+        ys = [x if isinstance(branch, RawInput) else branch(x) for branch in self.branches]
+        if self.spelling == "tree":
+            out = _tree_sum(list(zip(ys, self.signs)))
+        else:
+            out = None
+            for y, sign in zip(ys, self.signs):
+                if out is None:
+                    out = y if sign > 0 else -y
+                else:
+                    out = _combine(out, y, sign, self.spelling)
         if self.scale == "div":
             out = out / self.gamma
+        elif self.scale == "const":
+            out = 0.75 * out if self.scale_left else out * -1.25
         elif self.scale is not None:
             out = self.gamma * out if self.scale_left else out * self.gamma
-        if self.shift:
+        if self.shift == "add":
             out = out + self.beta
+        elif self.shift == "radd":
+            out = self.beta + out
+        elif self.shift == "sub":
+            out = out - self.beta
+        elif self.shift == "rsub":
+            out = self.beta - out
         if self.residual:
             out = x + out
         return out
@@ -484,11 +517,12 @@ def _on_grid(k: int, d: int, km: int, dm: int) -> bool:
 
 
 @st.composite
-def fusible_blocks(draw, nd: int, cin: int, allow_stride: bool = True, stride=None, main=None,
-                   groups=None) -> BlockSpec:
+def fusible_blocks(draw, nd: int, cin: int, size: tuple[int, ...], allow_stride: bool = True, stride=None,
+                   main=None, groups=None) -> BlockSpec:
     """A block that must collapse into exactly one convolution (see the module docstring).
 
-    `stride`, `main` (kernel, dilation of the main conv) and `groups` fix those choices.
+    `size` is the spatial size of the block's input (avg-pool kernels must fit in it); `stride`,
+    `main` (kernel, dilation of the main conv) and `groups` fix those choices.
     """
     cout = draw(st.integers(1, MAX_C))
     if stride is None:
@@ -497,20 +531,33 @@ def fusible_blocks(draw, nd: int, cin: int, allow_stride: bool = True, stride=No
     if groups is None:
         groups = draw(st.sampled_from(divisors(math.gcd(cin, cout))))
     km, dm = main or draw(_main_kernel(nd))
+    # Padding modes other than zeros: fusible when every branch is a conv of the main's geometry
+    # (the compiler refuses to mix geometries under reflect/replicate/circular padding).
+    pads = [dm_ * (km_ - 1) // 2 for km_, dm_ in zip(km, dm)]
+    modes = ["zeros"] + [m for m in ("reflect", "replicate", "circular")
+                         if all(p < n if m == "reflect" else p <= n for p, n in zip(pads, size))]
+    mode = draw(st.sampled_from(modes)) if main is None and draw(st.integers(0, 4)) == 0 else "zeros"
+    if mode != "zeros":
+        # Dilation 1 on 1-tap axes: the compiler compares raw dilations there and refuses a third
+        # identical branch (test_found_by_properties.py::test_reflect_sum_ignores_dilation_of_1_tap_axes).
+        dm = tuple(d if k > 1 else 1 for k, d in zip(km, dm))
 
     def conv(kernel, dilation):
         return ConvBranch(kernel, dilation, tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)), groups,
                           bias=draw(st.booleans()), bn=draw(st.booleans()),
-                          functional=draw(st.integers(0, 4)) == 0,
+                          functional=mode == "zeros" and draw(st.integers(0, 4)) == 0, padding_mode=mode,
                           same=all(s == 1 for s in stride) and draw(st.integers(0, 4)) == 0)
 
     branches = [conv(km, dm)]
     grid = [[(k, d) for k in ODD for d in (1, 2) if _on_grid(k, d, k_m, d_m)] for k_m, d_m in zip(km, dm)]
+    if mode != "zeros":
+        grid = [[(k_m, d_m)] for k_m, d_m in zip(km, dm)]
+        skips_ok = False
     kinds = ["conv"]
     if skips_ok:
         kinds += ["bn", "identity"]
-    pool_axes = [[k for k in ODD if k == 1 or (d_m == 1 and k <= k_m)] for k_m, d_m in zip(km, dm)]
-    if cin == cout:
+    pool_axes = [[k for k in ODD if k == 1 or (d_m == 1 and k <= min(k_m, n))] for k_m, d_m, n in zip(km, dm, size)]
+    if cin == cout and mode == "zeros":
         kinds.append("pool")
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(kinds))
@@ -527,14 +574,15 @@ def fusible_blocks(draw, nd: int, cin: int, allow_stride: bool = True, stride=No
     return _finish_block(draw, nd, cin, cout, stride, branches, skips_ok)
 
 
-def _finish_block(draw, nd, cin, cout, stride, branches, skips_ok) -> BlockSpec:
+def _finish_block(draw, nd, cin, cout, stride, branches, skips_ok, tree=False) -> BlockSpec:
     signs = tuple(draw(st.sampled_from([1, 1, -1])) for _ in branches)
-    scale = draw(st.sampled_from([None, None, "channel", "scalar", "bcast", "div"]))
+    scale = draw(st.sampled_from([None, None, "channel", "scalar", "bcast", "div", "const"]))
+    spellings = ["op", "op", "torch", "method", "alpha"] + (["tree", "tree"] if tree else [])
     return BlockSpec(
         nd, cin, cout, stride, tuple(branches), signs,
-        spelling=draw(st.sampled_from(["op", "op", "torch", "method", "alpha"])),
+        spelling=draw(st.sampled_from(spellings)),
         scale=scale, scale_left=draw(st.booleans()),
-        shift=draw(st.integers(0, 3)) == 0,
+        shift=draw(st.sampled_from([None, None, None, "add", "radd", "sub", "rsub"])),
         residual=skips_ok and draw(st.integers(0, 2)) == 0,
     )
 
@@ -565,12 +613,14 @@ def free_blocks(draw, nd: int, cin: int, size: tuple[int, ...]) -> BlockSpec:
 
     branches = [conv()]
     kinds = ["conv", "conv"]
+    n_more = draw(st.integers(0, 3))
     if skips_ok:
         kinds += ["bn", "identity"]
-    pool_axes = [[k for k in ODD if 0 <= (k - 1 - c) // 2 <= k // 2 and (k - 1 - c) % 2 == 0] for c in centre]
+    pool_axes = [[k for k in ODD if 0 <= (k - 1 - c) // 2 <= k // 2 and (k - 1 - c) % 2 == 0 and k <= n]
+                 for c, n in zip(centre, size)]
     if cin == cout and all(pool_axes):
         kinds.append("pool")
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(n_more):
         kind = draw(st.sampled_from(kinds))
         if kind == "conv":
             branches.append(conv())
@@ -582,7 +632,7 @@ def free_blocks(draw, nd: int, cin: int, size: tuple[int, ...]) -> BlockSpec:
             kernel = tuple(draw(st.sampled_from(axis)) for axis in pool_axes)
             branches.append(PoolBranch(kernel, tuple((k - 1 - c) // 2 for k, c in zip(kernel, centre))))
     branches = draw(st.permutations(branches))
-    return _finish_block(draw, nd, cin, cout, stride, branches, skips_ok)
+    return _finish_block(draw, nd, cin, cout, stride, branches, skips_ok, tree=True)
 
 
 def block_out_size(b: BlockSpec, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -603,14 +653,14 @@ def _net_head(draw, nd: int | None = None):
 
 
 @st.composite
-def concat_blocks(draw, nd: int, cin: int) -> ConcatSpec:
+def concat_blocks(draw, nd: int, cin: int, size: tuple[int, ...]) -> ConcatSpec:
     """2-3 fusible blocks over one input, concatenated along channels; all dense (groups 1: stacking
     groups>1 blocks along outputs is denser and may cost more) with one main kernel, so the
     concatenation is one conv costing exactly its parts."""
     stride = draw(_stride(nd))
     main = draw(_main_kernel(nd))
     n = draw(st.integers(2, 3))
-    return ConcatSpec(nd, cin, tuple(draw(fusible_blocks(nd, cin, stride=stride, main=main, groups=1))
+    return ConcatSpec(nd, cin, tuple(draw(fusible_blocks(nd, cin, size, stride=stride, main=main, groups=1))
                                      for _ in range(n)))
 
 
@@ -618,11 +668,11 @@ def concat_blocks(draw, nd: int, cin: int) -> ConcatSpec:
 def fusible_nets(draw) -> NetSpec:
     """1-3 fusible blocks (or concatenations of them) with nonlinearities between them."""
     nd, batch, size, cin = draw(_net_head())
-    parts, c = [], cin
+    parts, c, n = [], cin, size
     for _ in range(draw(st.integers(1, 3))):
-        b = draw(fusible_blocks(nd, c) if draw(st.integers(0, 4)) else concat_blocks(nd, c))
+        b = draw(fusible_blocks(nd, c, n) if draw(st.integers(0, 4)) else concat_blocks(nd, c, n))
         parts.append(b)
-        c = b.cout
+        c, n = b.cout, tuple((m - 1) // s + 1 for m, s in zip(n, b.stride))
     acts = tuple(draw(st.sampled_from(ACTS)) for _ in parts[1:])
     return NetSpec(nd, batch, size, cin, tuple(parts), acts, draw(st.integers(0, 2**32 - 1)))
 
@@ -681,14 +731,14 @@ def defect_nets(draw) -> NetSpec:
     batch, cin = draw(st.integers(1, 2)), draw(st.integers(1, MAX_C))
     parts, c = [], cin
     if draw(st.booleans()):
-        b = draw(fusible_blocks(nd, c, allow_stride=False))
+        b = draw(fusible_blocks(nd, c, size, allow_stride=False))
         parts.append(b)
         c = b.cout
     d = draw(defects(nd, c))
     parts.append(d)
     c = defect_cout(d)
     if draw(st.booleans()):
-        parts.append(draw(fusible_blocks(nd, c)))
+        parts.append(draw(fusible_blocks(nd, c, size)))
     acts = tuple(draw(st.sampled_from(ACTS)) for _ in parts[1:])
     return NetSpec(nd, batch, size, cin, tuple(parts), acts, draw(st.integers(0, 2**32 - 1)))
 

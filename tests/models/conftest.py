@@ -13,3 +13,12 @@ def _two_threads():
     torch.set_num_threads(min(old, 2))
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_cached_models():
+    """Models cached by fastvit_testlib.cached_model live for one test module (~0.8 GB for all)."""
+    yield
+    from fastvit_testlib import cached_model
+
+    cached_model.cache_clear()

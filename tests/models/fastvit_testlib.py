@@ -75,9 +75,10 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)
 def cached_model(variant: str) -> nn.Module:
-    """One model per variant shared by read-only tests (building the big ones takes ~1 s)."""
+    """One model per variant shared by the tests of one module (building the big ones takes about
+    a second); conftest.py empties the cache after each test module."""
     torch.manual_seed(0)
     return models.create(variant)
 

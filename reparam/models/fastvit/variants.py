@@ -72,6 +72,7 @@ def _register_all() -> None:
             input_size=(3, 256, 256),
             num_classes=cfg.num_classes,
             convert_state_dict=to_our_naming,
+            classifier_key="head.fc.weight",
             description=f"{kind}, layers {cfg.layers}, widths {cfg.embed_dims}, "
                         f"mixers {'/'.join(m[:3] for m in cfg.token_mixers)}",
         ))
