@@ -19,6 +19,6 @@ def _two_threads():
 def _release_cached_models():
     """Models cached by fastvit_testlib.cached_model live for one test module (~0.8 GB for all)."""
     yield
-    from fastvit_testlib import cached_model
+    from fastvit_testlib import clear_model_cache
 
-    cached_model.cache_clear()
+    clear_model_cache()

@@ -3,7 +3,6 @@ sys.path because tests/models has no __init__.py)."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -75,12 +74,25 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
-def cached_model(variant: str) -> nn.Module:
+_MODELS: dict[str, nn.Module] = {}
+
+
+def cached_model(variant: str, *, take: bool = False) -> nn.Module:
     """One model per variant shared by the tests of one module (building the big ones takes about
-    a second); conftest.py empties the cache after each test module."""
-    torch.manual_seed(0)
-    return models.create(variant)
+    a second); conftest.py empties the cache after each test module. A test that changes the
+    model's weights passes take=True: it gets the cached model (or a new one) and the cache
+    forgets it."""
+    model = _MODELS.pop(variant, None) if take else _MODELS.get(variant)
+    if model is None:
+        torch.manual_seed(0)
+        model = models.create(variant)
+        if not take:
+            _MODELS[variant] = model
+    return model
+
+
+def clear_model_cache() -> None:
+    _MODELS.clear()
 
 
 def train_briefly(model: nn.Module, steps: int = 3, size: int = 64, batch: int = 4,

@@ -41,34 +41,6 @@ def test_apple_naming_maps_onto_ours(fastvit_fixtures, variant):
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_strict_load_fills_every_tensor(fastvit_fixtures, variant):
-    """A state_dict built from each published key list (timm naming, and the original release's
-    where it exists) loads strictly, uses every tensor and fills every parameter and buffer."""
-    model = models.create(variant)  # a fresh model: this test overwrites its weights
-    entry = models.get_entry(variant)
-    namings = ["timm", "apple"] if variant in APPLE_VARIANTS else ["timm"]
-    for naming in namings:
-        keys = read_keys(fastvit_fixtures, variant, naming)
-        state = marked_state_dict(keys)
-        result = load_state(model, state, convert=entry.convert_state_dict, family="fastvit",
-                            model_name=variant)
-        assert result.naming == (APPLE if naming == "apple" else TIMM)
-        assert result.loaded == len(keys) and not result.skipped and not result.not_loaded
-        assert not result.notes
-
-        # Every tensor of the model came from the checkpoint: tensor i holds the value i + 1.
-        mapped, _ = to_our_naming({k: i + 1 for i, (k, _) in enumerate(keys)})
-        own = model.state_dict()
-        assert set(own) == set(mapped)
-        for key, tensor in own.items():
-            marker = mapped[key]
-            assert tensor.min().item() == marker and tensor.max().item() == marker, (naming, key)
-    # ... and the model holds nothing outside its state_dict.
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    assert names == set(model.state_dict())
-
-
-@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_symbolic_trace(variant):
     model = cached_model(variant)
     torch.fx.symbolic_trace(model.train())  # as created: a training-mode module
@@ -202,3 +174,31 @@ def test_drop_path_rates_and_behaviour():
         a = model(x)
         b = model(x)
     assert not torch.allclose(a, b)  # stochastic depth acts in training
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_strict_load_fills_every_tensor(fastvit_fixtures, variant):
+    """A state_dict built from each published key list (timm naming, and the original release's
+    where it exists) loads strictly, uses every tensor and fills every parameter and buffer."""
+    model = cached_model(variant, take=True)  # this test overwrites its weights
+    entry = models.get_entry(variant)
+    namings = ["timm", "apple"] if variant in APPLE_VARIANTS else ["timm"]
+    for naming in namings:
+        keys = read_keys(fastvit_fixtures, variant, naming)
+        state = marked_state_dict(keys)
+        result = load_state(model, state, convert=entry.convert_state_dict, family="fastvit",
+                            model_name=variant)
+        assert result.naming == (APPLE if naming == "apple" else TIMM)
+        assert result.loaded == len(keys) and not result.skipped and not result.not_loaded
+        assert not result.notes
+
+        # Every tensor of the model came from the checkpoint: tensor i holds the value i + 1.
+        mapped, _ = to_our_naming({k: i + 1 for i, (k, _) in enumerate(keys)})
+        own = model.state_dict()
+        assert set(own) == set(mapped)
+        for key, tensor in own.items():
+            marker = mapped[key]
+            assert tensor.min().item() == marker and tensor.max().item() == marker, (naming, key)
+    # ... and the model holds nothing outside its state_dict.
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    assert names == set(model.state_dict())
