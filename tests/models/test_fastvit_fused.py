@@ -1,8 +1,4 @@
-"""What `reparam.fuse` must achieve on every FastViT variant.
-
-Written before the compiler was finished: the module-level xfail mark below keeps the suite green
-until it lands. Remove that one line to switch these tests on.
-"""
+"""What `reparam.fuse` must achieve on every FastViT variant, with no help from the model."""
 
 from __future__ import annotations
 
