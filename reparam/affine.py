@@ -130,7 +130,9 @@ def _short(t: Tuple) -> str:
 
 
 def _f64(t) -> torch.Tensor:
-    return torch.as_tensor(t).detach().to(dtype=torch.float64)
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(dtype=torch.float64)
+    return torch.as_tensor(t, dtype=torch.float64)
 
 
 def _tuple(v, nd: int) -> Tuple:
@@ -175,10 +177,13 @@ def identity(channels: int, nd: int, device=None) -> AffineConv:
 def batch_norm(running_mean, running_var, weight, bias, eps: float, nd: int) -> AffineConv:
     """BatchNorm with running statistics: `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`."""
     mean, var = _f64(running_mean), _f64(running_var)
-    gamma = torch.ones_like(mean) if weight is None else _f64(weight)
-    beta = torch.zeros_like(mean) if bias is None else _f64(bias)
-    a = gamma / torch.sqrt(var + eps)
-    return per_channel(a, beta - mean * a, nd)
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a *= _f64(weight)
+    shift = -mean * a
+    if bias is not None:
+        shift += _f64(bias)
+    return per_channel(a, shift, nd)
 
 
 def avg_pool(channels: int, kernel_size, stride, padding, nd: int, divisor=None, device=None) -> AffineConv:
@@ -246,16 +251,6 @@ def dilated(op: AffineConv, dilation: Tuple) -> AffineConv:
     index = (slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)
     weight[index] = op.weight
     return replace(op, weight=weight, dilation=tuple(dilation))
-
-
-def padded_kernel(op: AffineConv, before: Tuple, after: Tuple) -> AffineConv:
-    """Grow the kernel by zero taps (`before`/`after` taps per axis) and the padding to match."""
-    pad = []
-    for b, a in zip(reversed(before), reversed(after)):
-        pad += [b, a]
-    weight = F.pad(op.weight, pad) if any(pad) else op.weight
-    padding = tuple(p + b * d for p, b, d in zip(op.padding, before, op.dilation))
-    return replace(op, weight=weight, padding=padding)
 
 
 def as_pointwise(op: AffineConv) -> AffineConv:
@@ -334,28 +329,33 @@ def sum_refusal(ops: list[AffineConv]) -> str | None:
     return None
 
 
-def _aligned(ops: list[AffineConv], groups: int) -> list[AffineConv]:
-    """The ops rewritten with one geometry: same groups, dilation, kernel size and padding.
+def _common_geometry(ops: list[AffineConv]) -> tuple[Tuple, Tuple, Tuple]:
+    """Dilation, kernel size and padding of one kernel that holds every op's taps.
 
     Assumes equal strides and centres (see `sum_refusal`). Per axis the common dilation divides
-    every dilation that matters and every offset between kernel starts; smaller kernels grow by
-    zero taps on both sides.
+    every dilation that matters and every offset between kernel starts.
     """
-    nd = ops[0].nd
-    dil, extent = [], []
-    for axis in range(nd):
+    dilation, kernel, padding = [], [], []
+    for axis in range(ops[0].nd):
         spans = [op.dilation[axis] * (op.kernel_size[axis] - 1) for op in ops]
         widest = max(spans)
         ds = [op.dilation[axis] for op in ops if op.kernel_size[axis] > 1]
         ds += [(widest - s) // 2 for s in spans if s != widest]
-        dil.append(reduce(math.gcd, ds) if ds else 1)
-        extent.append(widest)
-    out = []
-    for op in ops:
-        op = dilated(regrouped(op, groups), tuple(dil))
-        grow = tuple((extent[a] - op.dilation[a] * (op.kernel_size[a] - 1)) // (2 * dil[a]) for a in range(nd))
-        out.append(padded_kernel(op, grow, grow))
-    return out
+        d = reduce(math.gcd, ds) if ds else 1
+        dilation.append(d)
+        kernel.append(widest // d + 1)
+        padding.append((widest - _centre2(ops[0], axis)) // 2)
+    return tuple(dilation), tuple(kernel), tuple(padding)
+
+
+def _placement(op: AffineConv, dilation: Tuple, kernel: Tuple) -> tuple[slice, ...]:
+    """Where `op`'s taps sit inside the common kernel (same centre, spread by the dilation ratio)."""
+    index = []
+    for k, d_op, d, big in zip(op.kernel_size, op.dilation, dilation, kernel):
+        step = d_op // d if k > 1 else 1
+        start = (big - 1 - step * (k - 1)) // 2
+        index.append(slice(start, start + step * (k - 1) + 1, step))
+    return tuple(index)
 
 
 def add(ops: list[AffineConv]) -> AffineConv:
@@ -363,26 +363,23 @@ def add(ops: list[AffineConv]) -> AffineConv:
     reason = sum_refusal(ops)
     if reason:
         raise ValueError(reason)
-    aligned = _aligned(ops, reduce(math.gcd, (op.groups for op in ops)))
-    weight = torch.stack([op.weight for op in aligned]).sum(0)
-    bias = torch.stack([op.bias for op in aligned]).sum(0)
-    return replace(aligned[0], weight=weight, bias=bias, padding_mode=_padding_mode(ops))
+    groups = reduce(math.gcd, (op.groups for op in ops))
+    dilation, kernel, padding = _common_geometry(ops)
+    first = ops[0]
+    weight = first.weight.new_zeros(first.out_channels, first.in_channels // groups, *kernel)
+    bias = first.bias.clone()
+    for i, op in enumerate(ops):
+        weight[(slice(None), slice(None)) + _placement(op, dilation, kernel)] += regrouped(op, groups).weight
+        if i:
+            bias += op.bias
+    return AffineConv(weight, bias, first.stride, padding, dilation, groups, _padding_mode(ops))
 
 
 def sum_cost(ops: list[AffineConv]) -> int:
     """Cost of `add(ops)` per output position, from geometry alone."""
-    return _common_cost(ops, ops[0].out_channels, reduce(math.gcd, (op.groups for op in ops)))
-
-
-def _common_cost(ops: list[AffineConv], out_channels: int, groups: int) -> int:
-    kernel = []
-    for axis in range(ops[0].nd):
-        spans = [op.dilation[axis] * (op.kernel_size[axis] - 1) for op in ops]
-        widest = max(spans)
-        ds = [op.dilation[axis] for op in ops if op.kernel_size[axis] > 1]
-        ds += [(widest - s) // 2 for s in spans if s != widest]
-        kernel.append(widest // (reduce(math.gcd, ds) if ds else 1) + 1)
-    return out_channels * (ops[0].in_channels // groups) * math.prod(kernel)
+    groups = reduce(math.gcd, (op.groups for op in ops))
+    _, kernel, _ = _common_geometry(ops)
+    return ops[0].out_channels * (ops[0].in_channels // groups) * math.prod(kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,14 +494,22 @@ def concat(ops: list[AffineConv]) -> AffineConv:
     reason = concat_refusal(ops)
     if reason:
         raise ValueError(reason)
-    # Block-diagonal structure does not survive stacking along outputs: align densely, then
-    # recover whatever groups the stacked weight still has.
-    aligned = _aligned(ops, 1)
-    weight = torch.cat([op.weight for op in aligned], 0)
-    bias = torch.cat([op.bias for op in aligned], 0)
-    return densest_groups(replace(aligned[0], weight=weight, bias=bias, padding_mode=_padding_mode(ops)))
+    # Block-diagonal structure does not survive stacking along outputs: place each op densely,
+    # then recover whatever groups the stacked weight still has.
+    dilation, kernel, padding = _common_geometry(ops)
+    first = ops[0]
+    weight = first.weight.new_zeros(sum(op.out_channels for op in ops), first.in_channels, *kernel)
+    row = 0
+    for op in ops:
+        rows = slice(row, row + op.out_channels)
+        weight[(rows, slice(None)) + _placement(op, dilation, kernel)] += regrouped(op, 1).weight
+        row += op.out_channels
+    bias = torch.cat([op.bias for op in ops])
+    merged = AffineConv(weight, bias, first.stride, padding, dilation, 1, _padding_mode(ops))
+    return densest_groups(merged)
 
 
 def concat_cost(ops: list[AffineConv]) -> int:
     """Cost of `concat(ops)` per output position (dense; `densest_groups` may lower it)."""
-    return _common_cost(ops, sum(op.out_channels for op in ops), 1)
+    _, kernel, _ = _common_geometry(ops)
+    return sum(op.out_channels for op in ops) * ops[0].in_channels * math.prod(kernel)

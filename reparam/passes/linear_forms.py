@@ -85,13 +85,19 @@ class LinearFormPass:
 
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
         self.gm = gm
-        self.classify = Classifier(gm, consts)
+        self._classifier = Classifier(gm, consts)
+        self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.forms: dict[torch.fx.Node, Form] = {}
         self.absorbed: set[torch.fx.Node] = set()
         self.rewire: dict[torch.fx.Node, torch.fx.Node] = {}  # shape query -> node it now reads
         self.refusals: list[RefusalRecord] = []
         self.over_budget: dict[torch.fx.Node, str] = {}  # partial sums dearer than their parts
         self.absorbed_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+
+    def classify(self, node: torch.fx.Node) -> LinearOp | None:
+        if node not in self._rules:
+            self._rules[node] = self._classifier(node)
+        return self._rules[node]
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> "LinearFormPass":
