@@ -21,9 +21,11 @@ knows it by construction: every branch has the block's stride, is centred (paddi
 dilation*(k-1)//2 per axis, odd kernels), and its taps lie on the tap grid of the first branch (the
 "main" conv): per axis `k_b == 1`, or `d_b % d_main == 0` and `d_b*(k_b-1) <= d_main*(k_main-1)`.
 All conv branches share the main conv's groups; BN, identity and pooling branches are depthwise
-(their groups are a multiple of the main's). So every partial sum the compiler forms (it sums left
-to right, main first) is the main conv's geometry: fused cost == main conv cost <= cost of the
-parts, and the sum is exact.
+(their groups are a multiple of the main's). So the complete sum has the main conv's geometry:
+fused cost == main conv cost <= cost of the parts, and the sum is exact. The branches come in any
+order and the sum may be written as a balanced tree, so partial sums (3x1 + 1x3 before the 3x3)
+can cost more than their parts: only the complete sum counts. Under padding modes other than
+zeros every branch is a conv of the main's geometry (the compiler does not mix geometries there).
 
 `free_blocks` drops the grid and the groups rules (any kernel 1..7 including even ones, dilation
 1/2, groups per branch, a common centre that need not be 0) but keeps a shared centre and stride:
@@ -35,7 +37,7 @@ every sum is exact, but the cost rule may refuse some.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,7 @@ class BlockSpec:
     shift: str | None = None  # per-channel parameter beta: "add" out + beta, "radd" beta + out,
     #                           "sub" out - beta, "rsub" beta - out; after the scale
     residual: bool = False  # x + out, outside the scale
+    main: int = 0  # fusible blocks: index of the branch whose geometry the fused conv has
 
     @property
     def n_convs(self) -> int:
@@ -537,10 +540,6 @@ def fusible_blocks(draw, nd: int, cin: int, size: tuple[int, ...], allow_stride:
     modes = ["zeros"] + [m for m in ("reflect", "replicate", "circular")
                          if all(p < n if m == "reflect" else p <= n for p, n in zip(pads, size))]
     mode = draw(st.sampled_from(modes)) if main is None and draw(st.integers(0, 4)) == 0 else "zeros"
-    if mode != "zeros":
-        # Dilation 1 on 1-tap axes: the compiler compares raw dilations there and refuses a third
-        # identical branch (test_found_by_properties.py::test_reflect_sum_ignores_dilation_of_1_tap_axes).
-        dm = tuple(d if k > 1 else 1 for k, d in zip(km, dm))
 
     def conv(kernel, dilation):
         return ConvBranch(kernel, dilation, tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)), groups,
@@ -571,7 +570,13 @@ def fusible_blocks(draw, nd: int, cin: int, size: tuple[int, ...], allow_stride:
         else:
             kernel = tuple(draw(st.sampled_from(axis)) for axis in pool_axes)
             branches.append(PoolBranch(kernel, tuple((k - 1) // 2 for k in kernel)))
-    return _finish_block(draw, nd, cin, cout, stride, branches, skips_ok)
+    # Any order, and sums written left to right or as a balanced tree: partial sums such as
+    # 3x1 + 1x3 may cost more than their parts, only the complete sum is judged.
+    main_branch = branches[0]
+    if draw(st.booleans()):
+        branches = draw(st.permutations(branches))
+    block = _finish_block(draw, nd, cin, cout, stride, branches, skips_ok, tree=True)
+    return replace(block, main=branches.index(main_branch))
 
 
 def _finish_block(draw, nd, cin, cout, stride, branches, skips_ok, tree=False) -> BlockSpec:
