@@ -11,15 +11,19 @@ What the specs describe
 -----------------------
 `Block`: `out = s0*b0(x) + s1*b1(x) + ...` over branches b_i (conv [+BN], BN-only skip, identity,
 AvgPool with count_include_pad=True), each sign s_i = +-1; then optionally a layer scale
-(`gamma * out`, `out * gamma` or `out / gamma`, per channel or scalar), a per-channel shift
-(`out + beta`), and an identity residual `x + out`. The sums are written with `+`/`-`,
-`torch.add`/`torch.sub`, `out.add(y)`/`out.sub(y)` or `torch.add(out, y, alpha=+-1)`; convolutions
-as `nn.ConvNd` modules or as `F.convNd` with parameters.
+(`gamma * out`, `out * gamma`, `out / gamma` with a per-channel or scalar parameter, or a Python
+float), a per-channel shift (`out + beta`, `beta + out`, `out - beta`, `beta - out`), and an
+identity residual `x + out`. The sums are written left to right with `+`/`-`, `torch.add`/
+`torch.sub`, `out.add(y)`/`out.sub(y)` or `torch.add(out, y, alpha=+-1)`, or as a balanced tree
+`(a + b) + (c - d)`; convolutions as `nn.ConvNd` modules (padding as numbers or 'same', padding
+modes zeros/reflect/replicate/circular) or as `F.convNd` with parameters. `Concat` stacks several
+blocks over one input with `torch.cat(dim=1)`. A network (`Net`) is a chain of parts with a
+nonlinearity (ReLU, GELU, tanh, SiLU, sigmoid; module or function) between consecutive parts.
 
 `fusible_blocks` builds blocks that the compiler must collapse into exactly one convolution, and
 knows it by construction: every branch has the block's stride, is centred (padding =
-dilation*(k-1)//2 per axis, odd kernels), and its taps lie on the tap grid of the first branch (the
-"main" conv): per axis `k_b == 1`, or `d_b % d_main == 0` and `d_b*(k_b-1) <= d_main*(k_main-1)`.
+dilation*(k-1)//2 per axis, odd kernels), and its taps lie on the tap grid of one "main" conv
+branch: per axis `k_b == 1`, or `d_b % d_main == 0` and `d_b*(k_b-1) <= d_main*(k_main-1)`.
 All conv branches share the main conv's groups; BN, identity and pooling branches are depthwise
 (their groups are a multiple of the main's). So the complete sum has the main conv's geometry:
 fused cost == main conv cost <= cost of the parts, and the sum is exact. The branches come in any
@@ -80,10 +84,6 @@ class ConvBranch:
     padding_mode: str = "zeros"
     same: bool = False  # written padding='same' (stride 1, centred)
 
-    @property
-    def centred(self) -> bool:
-        return all(2 * p == d * (k - 1) for k, d, p in zip(self.kernel, self.dilation, self.padding))
-
 
 @dataclass(frozen=True)
 class BNBranch:
@@ -119,10 +119,6 @@ class BlockSpec:
     residual: bool = False  # x + out, outside the scale
     main: int = 0  # fusible blocks: index of the branch whose geometry the fused conv has
 
-    @property
-    def n_convs(self) -> int:
-        return sum(isinstance(b, ConvBranch) for b in self.branches)
-
 
 @dataclass(frozen=True)
 class ConcatSpec:
@@ -143,7 +139,7 @@ class ConcatSpec:
 
 @dataclass(frozen=True)
 class DefectSpec:
-    """A structure that must be refused (kind in DEFECTS); `name` is its attribute in the network."""
+    """A structure that must be refused (kind in DEFECTS); in a `Net` it is attribute `part{i}`."""
 
     kind: str
     nd: int
@@ -154,7 +150,11 @@ class DefectSpec:
     pre_conv: bool = False
 
 
-# What each defect leaves behind, and which module names its refusal must mention.
+# The defects (modules in DEFECT_MODULES; what each leaves behind: `defect_expectation`):
+#   bn_before_padded_conv  BatchNorm (a per-channel shift) before a zero-padded conv [+ BN]
+#   bn_without_stats       [conv ->] BatchNorm(track_running_stats=False)
+#   reflect_sum            two padding_mode='reflect' convs [+ BN] of different kernel sizes, summed
+#   cost                   depthwise kxk conv + BN, then a dense 1x1 conv that expands channels
 DEFECTS = ("bn_before_padded_conv", "bn_without_stats", "reflect_sum", "cost")
 
 
@@ -506,9 +506,9 @@ def _main_kernel(draw, nd: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     else:
         kernel = tuple(draw(st.sampled_from(ODD)) for _ in range(nd))
     if draw(st.booleans()):
-        dilation = (draw(st.sampled_from([1, 2])),) * nd
+        dilation = (draw(st.sampled_from([1, 1, 2])),) * nd
     else:
-        dilation = tuple(draw(st.sampled_from([1, 2])) for _ in range(nd))
+        dilation = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(nd))
     return kernel, dilation
 
 
@@ -527,7 +527,7 @@ def fusible_blocks(draw, nd: int, cin: int, size: tuple[int, ...], allow_stride:
     `size` is the spatial size of the block's input (avg-pool kernels must fit in it); `stride`,
     `main` (kernel, dilation of the main conv) and `groups` fix those choices.
     """
-    cout = draw(st.integers(1, MAX_C))
+    cout = cin if draw(st.booleans()) else draw(st.integers(1, MAX_C))  # skips need cout == cin
     if stride is None:
         stride = draw(_stride(nd)) if allow_stride else (1,) * nd
     skips_ok = cin == cout and all(s == 1 for s in stride)
@@ -596,7 +596,7 @@ def _finish_block(draw, nd, cin, cout, stride, branches, skips_ok, tree=False) -
 def free_blocks(draw, nd: int, cin: int, size: tuple[int, ...]) -> BlockSpec:
     """Branches with a common stride and centre, but any groups, kernels 1..7 (even ones too) and
     dilations 1/2: every sum is exact, the cost rule may refuse some."""
-    cout = draw(st.integers(1, MAX_C))
+    cout = cin if draw(st.booleans()) else draw(st.integers(1, MAX_C))
     stride = draw(_stride(nd))
     # Twice the centre offset per axis; a centre != 0 changes the output size (n - c).
     centre = tuple(draw(st.sampled_from([0, 0, 0, 1, -1, 2, -2] if n >= 3 else [0, 0, -1, -2])) for n in size)
@@ -671,10 +671,10 @@ def concat_blocks(draw, nd: int, cin: int, size: tuple[int, ...]) -> ConcatSpec:
 
 @st.composite
 def fusible_nets(draw) -> NetSpec:
-    """1-3 fusible blocks (or concatenations of them) with nonlinearities between them."""
+    """1-4 fusible blocks (or concatenations of them) with nonlinearities between them."""
     nd, batch, size, cin = draw(_net_head())
     parts, c, n = [], cin, size
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(1, 4))):
         b = draw(fusible_blocks(nd, c, n) if draw(st.integers(0, 4)) else concat_blocks(nd, c, n))
         parts.append(b)
         c, n = b.cout, tuple((m - 1) // s + 1 for m, s in zip(n, b.stride))

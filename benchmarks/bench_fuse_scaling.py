@@ -1,0 +1,205 @@
+"""How `reparam.fuse` scales with the size of the graph.
+
+    python benchmarks/bench_fuse_scaling.py [--blocks 10 30 100 300] [--repeats 3] [--profile]
+
+Builds stacks of N RepVGG-like blocks (3x3 conv+BN, 1x1 conv+BN, BN skip, summed, then ReLU) with
+few channels and a small input, so that running the model costs next to nothing and the time is the
+compiler's. For each N it measures `reparam.fuse(model, x, verify=False)` (median wall time of
+`--repeats` runs) and the graph size before fusion (`fused.report.before.nodes`), and prints:
+
+    blocks | nodes | fuse seconds | microseconds per node | phases (trace, shapes, fold, forms, lower, copy,
+    count; "other" is the rest: GraphModule construction, recompile, report)
+
+then the ratio of the per-node time at the largest size to the smallest (1.0 = linear) and whether
+a graph of about 1,000 nodes fuses in under 0.5 s. The phase breakdown times the pipeline's steps
+by wrapping the functions `reparam.fuse` calls (in this process only). With `--profile` (or when
+the target is missed) it prints cProfile's top 10 functions by cumulative time for the largest N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib
+import io
+import pstats
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import reparam  # noqa: E402
+
+fuse_module = importlib.import_module("reparam.fuse")  # the module (`reparam.fuse` is the function)
+
+TARGET_NODES, TARGET_SECONDS = 1000, 0.5
+
+
+class RepVGGBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.skip = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.skip(x))
+
+
+def make_model(blocks: int, channels: int) -> nn.Module:
+    model = nn.Sequential(*[RepVGGBlock(channels) for _ in range(blocks)])
+    g = torch.Generator().manual_seed(blocks)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics; weights keep activations bounded
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.fill_(0.4)
+    return model.eval()
+
+
+# -- phase timers ------------------------------------------------------------------------------
+
+PHASES = {  # attribute of reparam.fuse -> column name
+    "_private_copy": "copy",
+    "_run_reference": "reference",
+    "trace": "trace",
+    "propagate_shapes": "shapes",
+    "fold_constants": "fold",
+    "lower_forms": "lower",
+    "counts": "count",
+    "count_macs": "count",
+    "count_params": "count",
+}
+
+
+class PhaseTimer:
+    """Wraps the functions `reparam.fuse` calls and sums their wall time per phase."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._saved = {}
+
+    def _wrap(self, fn, phase):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[phase] += time.perf_counter() - start
+        return timed
+
+    def __enter__(self):
+        for attr, phase in PHASES.items():
+            fn = getattr(fuse_module, attr, None)
+            if fn is not None:
+                self._saved[attr] = fn
+                setattr(fuse_module, attr, self._wrap(fn, phase))
+        cls = fuse_module.LinearFormPass
+        self._saved_run = cls.run
+        cls.run = self._wrap(cls.run, "forms")
+        return self
+
+    def __exit__(self, *exc):
+        for attr, fn in self._saved.items():
+            setattr(fuse_module, attr, fn)
+        fuse_module.LinearFormPass.run = self._saved_run
+
+
+# -- measurement -------------------------------------------------------------------------------
+
+def measure(blocks: int, channels: int, size: int, repeats: int):
+    model = make_model(blocks, channels)
+    x = torch.randn(1, channels, size, size)
+    times, phases = [], []
+    fused = None
+    for _ in range(repeats):
+        with PhaseTimer() as timer:
+            start = time.perf_counter()
+            fused = reparam.fuse(model, x, verify=False)
+            times.append(time.perf_counter() - start)
+        phases.append(dict(timer.totals))
+    median = statistics.median(times)
+    mid = phases[times.index(sorted(times)[len(times) // 2])]
+    with torch.no_grad():
+        ref = model(x)
+        diff = float((fused(x) - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)  # relative
+    convs = sum(isinstance(m, nn.Conv2d) for m in fused.modules())
+    return dict(blocks=blocks, nodes=fused.report.before.nodes, after=fused.report.after.nodes, seconds=median,
+                phases=mid, convs=convs, diff=diff, model=model, x=x)
+
+
+def profile_top(model, x, top: int = 10) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    reparam.fuse(model, x, verify=False)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[10, 30, 100, 300])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top 10 for the largest size")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    reparam.fuse(make_model(2, args.channels), torch.randn(1, args.channels, 8, 8), verify=False)  # warm-up
+
+    order = ["trace", "shapes", "fold", "forms", "lower", "copy", "count"]
+    head = (f"{'blocks':>6} {'nodes':>6} {'after':>5} {'fuse s':>8} {'us/node':>8}  "
+            + " ".join(f"{p:>9}" for p in order) + f" {'other':>7}  check")
+    print(f"reparam.fuse scaling: RepVGG-like blocks, {args.channels} channels, input 1x{args.channels}x"
+          f"{args.size}x{args.size}, median of {args.repeats}, torch {torch.__version__}, 1 thread")
+    print("phase columns: seconds in each step of the pipeline (median run)")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for n in args.blocks:
+        r = measure(n, args.channels, args.size, args.repeats)
+        rows.append(r)
+        per_node = r["seconds"] / r["nodes"] * 1e6
+        other = r["seconds"] - sum(r["phases"].get(p, 0.0) for p in order)
+        ok = "ok" if r["convs"] == n and r["diff"] < 1e-4 else f"convs={r['convs']} rel.diff={r['diff']:.2g}"
+        print(f"{n:>6} {r['nodes']:>6} {r['after']:>5} {r['seconds']:>8.3f} {per_node:>8.1f}  "
+              + " ".join(f"{r['phases'].get(p, 0.0):>9.4f}" for p in order) + f" {other:>7.4f}  {ok}",
+              flush=True)
+
+    small, large = rows[0], rows[-1]
+    ratio = (large["seconds"] / large["nodes"]) / (small["seconds"] / small["nodes"])
+    print(f"\nper-node time, largest ({large['nodes']} nodes) / smallest ({small['nodes']} nodes): {ratio:.2f}"
+          "  (1.0 = linear growth)")
+    # time at ~1,000 nodes: least-squares line seconds = a + b * nodes through the measured sizes
+    xs, ys = [r["nodes"] for r in rows], [r["seconds"] for r in rows]
+    if len(rows) > 1:
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        a = my - b * mx
+    else:
+        a, b = 0.0, ys[0] / xs[0]
+    at_target = a + b * TARGET_NODES
+    verdict = "meets" if at_target < TARGET_SECONDS else "MISSES"
+    print(f"linear fit: {a * 1e3:.1f} ms + {b * 1e6:.1f} us/node -> {TARGET_NODES:,} nodes: {at_target:.3f} s "
+          f"-> {verdict} the {TARGET_SECONDS} s target")
+    if args.profile or at_target >= TARGET_SECONDS or ratio > 2.0:
+        print(f"\ncProfile, {large['blocks']} blocks ({large['nodes']} nodes), top 10 by cumulative time:")
+        print(profile_top(large["model"], large["x"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
