@@ -195,3 +195,15 @@ def test_dropout_and_identity_vanish():
     fused = reparam.fuse(model, torch.randn(1, 3, 8, 8))
     kinds = [type(m) for m in modules_of(fused, nn.Module)]
     assert nn.Dropout not in kinds and nn.Identity not in kinds
+
+
+def test_tied_parameters_are_copied_once_and_never_shared_with_the_caller():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.GELU())
+    model[2].weight = model[0].weight  # tied weights
+    fused = reparam.fuse(model, torch.randn(1, 4, 6, 6))
+    convs = modules_of(fused, nn.Conv2d)
+    assert convs[0].weight is convs[1].weight  # still tied in the copy
+    assert convs[0].weight is not model[0].weight
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # training the caller's model later does not change the fused one
+    assert not torch.equal(convs[0].weight, model[0].weight)
