@@ -185,16 +185,20 @@ def test_verification_catches_a_wrong_fusion(monkeypatch):
 
 def test_nothing_fusible_leaves_graph_as_it_was():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.GELU())
-    fused = reparam.fuse(model, torch.randn(1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    fused = reparam.fuse(model, x)
     assert not fused.report.regions and n_convs(fused) == 2
     assert fused.report.before == fused.report.after
+    assert torch.equal(fused(x), model(x))
 
 
 def test_dropout_and_identity_vanish():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Identity(), nn.ReLU())
-    fused = reparam.fuse(model, torch.randn(1, 3, 8, 8))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Identity(), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused = reparam.fuse(model, x)
     kinds = [type(m) for m in modules_of(fused, nn.Module)]
-    assert nn.Dropout not in kinds and nn.Identity not in kinds
+    assert nn.Dropout not in kinds and nn.Identity not in kinds and kinds == [nn.Conv2d, nn.ReLU]
+    assert torch.equal(fused(x), model(x))
 
 
 def test_tied_parameters_are_copied_once_and_never_shared_with_the_caller():
