@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ReparamError
+from .report import format_table
 
 __all__ = [
     "ATOL",
@@ -177,7 +178,7 @@ class ExportResult:
                 ["MACs", f"{before.macs:,}", f"{after.macs:,}"],
                 ["graph nodes", f"{before.nodes:,}", f"{after.nodes:,}"],
             ]
-            lines.append(_table(["", "before fusion", "after fusion"], rows))
+            lines.append(format_table(["", "before fusion", "after fusion"], rows, right_align=True))
         regions = len(getattr(rep, "regions", []) or [])
         refusals = len(getattr(rep, "refusals", []) or [])
         lines.append(f"fused regions: {regions}, refusals: {refusals}"
@@ -923,15 +924,3 @@ def _human_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    cells = [header] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for k, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)

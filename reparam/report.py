@@ -67,7 +67,7 @@ class Report:
         """One paragraph: counts before and after and the verification result."""
         lines = [f"reparam report for {self.model}"]
         if self.before and self.after:
-            lines.append(_table(
+            lines.append(format_table(
                 ["", "before", "after", "ratio"],
                 [
                     ["graph nodes", self.before.nodes, self.after.nodes, _ratio(self.after.nodes, self.before.nodes)],
@@ -89,14 +89,14 @@ class Report:
         parts = [self.summary()]
         if self.regions:
             rows = [[r.name, r.op, ", ".join(r.members)] for r in self.regions]
-            parts.append("Fused regions\n" + _table(["new module", "operation", "replaces"], rows))
+            parts.append("Fused regions\n" + format_table(["new module", "operation", "replaces"], rows))
         if self.refusals:
             rows = [[r.where, r.reason] for r in self.refusals]
-            parts.append("Refused (left as they were)\n" + _table(["where", "reason"], rows))
+            parts.append("Refused (left as they were)\n" + format_table(["where", "reason"], rows))
         if self.leaves:
             rows = [[l.module, l.reason, l.fused_inside] for l in self.leaves]
             parts.append("Untraceable submodules (kept as leaves)\n"
-                         + _table(["module", "reason", "fused inside"], rows))
+                         + format_table(["module", "reason", "fused inside"], rows))
         return "\n\n".join(parts)
 
 
@@ -104,18 +104,22 @@ def _ratio(a: int, b: int) -> str:
     return f"{a / b:.3f}" if b else "-"
 
 
-def _table(header: list, rows: list[list], wrap: int = 90) -> str:
-    """A plain-text table; cells of the last column longer than `wrap` continue on further lines."""
+def format_table(header: list, rows: list[list], wrap: int = 90, right_align: bool = False) -> str:
+    """A plain-text table. Cells of the last column longer than `wrap` continue on further lines;
+    `right_align` aligns every column but the first to the right (for columns of numbers)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
-    last = min(wrap, max(len(row[-1]) for row in cells))
-    widths.append(last)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    widths[-1] = min(wrap, widths[-1])
+
+    def fit(i: int, text: str) -> str:
+        return text.rjust(widths[i]) if right_align and i else text.ljust(widths[i])
+
     out = []
     for k, row in enumerate(cells):
-        pieces = textwrap.wrap(row[-1], last, break_on_hyphens=False) or [""]
-        for j, piece in enumerate(pieces):
+        last = textwrap.wrap(row[-1], widths[-1], break_on_hyphens=False) or [""]
+        for j, piece in enumerate(last):
             lead = row[:-1] if j == 0 else [""] * (len(row) - 1)
-            out.append("  ".join([c.ljust(w) for c, w in zip(lead, widths)] + [piece]).rstrip())
+            out.append("  ".join([fit(i, c) for i, c in enumerate(lead)] + [fit(len(row) - 1, piece)]).rstrip())
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
