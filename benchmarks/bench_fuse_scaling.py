@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reparam  # noqa: E402
 
-fuse_module = importlib.import_module("reparam.fuse")  # the module (`reparam.fuse` is the function)
+fuse_module = importlib.import_module("reparam.pipeline")
 
 TARGET_NODES, TARGET_SECONDS = 1000, 0.5
 
@@ -69,7 +69,7 @@ def make_model(blocks: int, channels: int) -> nn.Module:
 
 # -- phase timers ------------------------------------------------------------------------------
 
-PHASES = {  # attribute of reparam.fuse -> column name
+PHASES = {  # attribute of reparam.pipeline -> column name
     "_private_copy": "copy",
     "_run_reference": "reference",
     "trace": "trace",

@@ -7,7 +7,7 @@ The public API is `fuse`, `explain`, `Report` and the errors in `reparam.errors`
 """
 
 from .errors import InputError, ReparamError, TraceFailure, VerificationError
-from .fuse import explain, fuse
+from .pipeline import explain, fuse
 from .report import Report
 
 __all__ = [
