@@ -20,3 +20,9 @@ class VerificationError(ReparamError):
         super().__init__(message)
         self.max_abs_diff = max_abs_diff
         self.allowed = allowed
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line error reports."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
