@@ -19,7 +19,6 @@ from fastvit_testlib import (
     expected_fused_convs,
     load_reference,
     randomize_statistics,
-    train_briefly,
 )
 
 
