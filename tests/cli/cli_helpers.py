@@ -55,11 +55,3 @@ def has_models() -> bool:
         return False
     return True
 
-
-def fuses_anything() -> bool:
-    """True once `reparam.fuse` really fuses (the placeholder only traces)."""
-    import toy_models
-
-    import reparam
-
-    return bool(reparam.explain(toy_models.rep_net(), toy_models.example(1)).regions)

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import toy_models
-from cli_helpers import assert_clean_error, fuses_anything, run_cli
+from cli_helpers import assert_clean_error, run_cli
 
 SHAPE = "1,3,32,32"
 
@@ -77,8 +77,6 @@ def test_onnx_weights_are_embedded(toy_onnx, tmp_path):
 
 
 def test_onnx_is_fused_no_batchnorm_fewer_convs(toy_onnx, tmp_path):
-    if not fuses_anything():
-        pytest.xfail("reparam.fuse does not fuse yet (placeholder): flips to a pass by itself")
     from reparam.export import onnx_op_counts, write_onnx
 
     folder, _ = toy_onnx

@@ -1,4 +1,4 @@
-"""`reparam export` of a registered FastViT (skipped until reparam.models is importable)."""
+"""`reparam export` of a registered FastViT."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from cli_helpers import fuses_anything, run_cli
+from cli_helpers import run_cli
 
-models = pytest.importorskip("reparam.models")
+import reparam.models as models
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,6 @@ def test_fastvit_onnx_matches_the_checkpoint_model(t8_export):
 def test_fastvit_onnx_has_no_batchnorm(t8_export):
     folder, _, result = t8_export
     assert result.returncode == 0, result.output
-    if not fuses_anything():
-        pytest.xfail("reparam.fuse does not fuse yet (placeholder)")
     from reparam.export import onnx_op_counts
 
     ops = onnx_op_counts(folder / "fastvit_t8.onnx")

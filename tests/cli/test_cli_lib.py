@@ -274,9 +274,17 @@ def test_data_dependent_control_flow_is_an_export_error_not_a_silent_guess(tmp_p
     with pytest.raises(ex.ExportError, match="--exporter torchscript") as info:
         ex.export_model(toy_models.gated_net(), toy_models.example(1, 8), tmp_path / "g.onnx")
     assert _files(tmp_path) == []
-    report = ex._default_fuse()(toy_models.gated_net(), toy_models.example(1, 8)).report
-    if report.leaves:  # the compiler kept the gate whole: the error names it
-        assert "gate" in str(info.value)
+    # the compiler keeps the gate whole and fuses around it; the export error names the gate
+    model, x = toy_models.gated_net(), toy_models.example(1, 8)
+    fused = ex._default_fuse()(model, x)
+    report = fused.report
+    assert [leaf.module for leaf in report.leaves] == ["gate"]
+    assert [region.members for region in report.regions] == [("conv", "bn")]
+    called = [type(fused.get_submodule(n.target)) for n in fused.graph.nodes if n.op == "call_module"]
+    assert called == [nn.Conv2d, toy_models.Gate]  # conv+bn is one conv, the gate is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+    assert "gate" in str(info.value)
     with pytest.raises(ex.ExportError):
         ex.export_model(toy_models.gated_net(), toy_models.example(1, 8), tmp_path / "g.pt2")
     assert _files(tmp_path) == []

@@ -356,17 +356,24 @@ def test_in_place_update_of_a_shared_value_is_not_fused():
     class InPlace(nn.Module):
         def __init__(self):
             super().__init__()
+            self.stem = conv_bn(4, 4, 3)  # a control: this part fuses
             self.conv = nn.Conv2d(4, 4, 3, padding=1)
 
         def forward(self, x):
-            y = self.conv(x)
+            y = self.conv(torch.relu(self.stem(x)))
             z = y * 2.0
             y.add_(1.0)  # z must not see this update; y's later readers must
             return z + y
 
     model = InPlace()
     fused, x = fused64(model, torch.randn(1, 4, 6, 6))
+    assert [r.members for r in fused.report.regions] == [("stem.0", "stem.1")]
+    assert n_convs(fused) == 2 and n_bns(fused) == 0
+    # nothing that reads the updated value was folded: the multiply, the in-place add and the sum stay
+    targets = call_targets(fused)
+    assert operator.mul in targets and operator.add in targets and "add_" in targets
     assert_same(model, fused, x)
+    assert_same(model, fused, torch.randn(2, 4, 5, 7, dtype=torch.float64))
 
 
 def test_inplace_activation_after_conv_bn_still_fuses():

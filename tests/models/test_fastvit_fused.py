@@ -19,7 +19,6 @@ from fastvit_testlib import (
     expected_fused_convs,
     load_reference,
     randomize_statistics,
-    train_briefly,
 )
 
 
@@ -111,20 +110,6 @@ def test_fused_reference_logits(fastvit_fixtures, variant):
     torch.testing.assert_close(logits, data["logits"], rtol=0, atol=1e-5)
     reference = REFERENCE_FUSED_PARAMS_M[variant] * 1e6
     assert 0.99 * reference <= fused_params(fused) <= reference
-
-
-def test_trained_then_fused():
-    torch.manual_seed(0)
-    model = models.create("fastvit_t8", num_classes=10)
-    train_briefly(model, steps=3, size=64)
-    model.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-    fused = reparam.fuse(model, x)
-    assert_fully_fused(fused, model)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
 def test_fused_features_only_backbone():
