@@ -72,7 +72,7 @@ def read_keys(model_name: str, naming: str = "timm") -> list[tuple[str, tuple[in
     """[(key, shape), ...] of `<model>.<naming>-keys.json` (naming: timm, apple or original), in
     the module order of the published implementation."""
     data = json.loads(data_file(model_name, f".{naming}-keys.json").read_text())
-    if data["model"] != model_name or data["naming"] != naming:
+    if data["model"] != model_name or not data["naming"].startswith(naming):
         raise ValueError(f"{model_name}.{naming}-keys.json describes {data['model']} in {data['naming']}")
     return [(key, tuple(shape)) for key, shape in data["keys"]]
 
