@@ -53,7 +53,10 @@ def select_models(patterns: list[str] | None) -> list[str]:
             if not matches:
                 raise SystemExit(f"no registered model matches {pattern!r}")
         else:
-            models.get_entry(pattern)  # raises with close matches on a typo
+            try:
+                models.get_entry(pattern)
+            except reparam.InputError as exc:  # names close matches
+                raise SystemExit(str(exc)) from None
             matches = [pattern]
         chosen.extend(m for m in matches if m not in chosen)
     return chosen
