@@ -5,14 +5,12 @@ Hypothesis profiles, selected with pytest's `--hypothesis-profile NAME` (pyproje
   ci        fast enough for every CI run
   thorough  5,000 examples per property, for release checks
 
-Reference fixtures live in `../shared/fixtures` beside the checkout (override with
-REPARAM_FIXTURES). Tests that need them skip with a reason when they are missing, except under CI
-(the CI variable set), where missing fixtures are an error.
+Reference data (published key lists, seeded reference weights and logits) lives in tests/data
+and is read with tests/models/reference_data.py; every test runs from a fresh clone.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,23 +30,16 @@ settings.register_profile(
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DATA = REPO_ROOT / "tests" / "data"
 
 
-def fixtures_root() -> Path:
-    env = os.environ.get("REPARAM_FIXTURES")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
+@pytest.fixture(scope="session")
+def reference_data() -> Path:
+    """tests/data: one folder per model family (see its README)."""
+    return REFERENCE_DATA
 
 
 @pytest.fixture(scope="session")
 def fastvit_fixtures() -> Path:
-    """Folder of the FastViT reference fixtures; skips (or fails under CI) when absent."""
-    path = fixtures_root() / "fastvit"
-    if not (path / "fastvit_t8.ref.safetensors").is_file():
-        message = (
-            f"FastViT reference fixtures not found at {path}; "
-            "set REPARAM_FIXTURES to the folder that holds fastvit/"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """tests/data/fastvit: the FastViT key lists and seeded references."""
+    return REFERENCE_DATA / "fastvit"

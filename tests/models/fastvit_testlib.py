@@ -3,9 +3,6 @@ sys.path because tests/models has no __init__.py)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -26,13 +23,6 @@ REFERENCE_FUSED_PARAMS_M = {
 }
 
 
-def read_keys(folder: Path, variant: str, naming: str) -> list[tuple[str, tuple[int, ...]]]:
-    """[(key, shape), ...] of `<variant>.<naming>-keys.json`, in module order."""
-    data = json.loads((folder / f"{variant}.{naming}-keys.json").read_text())
-    assert data["model"] == variant
-    return [(k, tuple(s)) for k, s in data["keys"]]
-
-
 def marked_state_dict(keys: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
     """A state_dict with the given keys and shapes where tensor i is filled with the value i + 1
     (int64 for BatchNorm's num_batches_tracked), so a test can tell where every value went.
@@ -42,18 +32,6 @@ def marked_state_dict(keys: list[tuple[str, tuple[int, ...]]]) -> dict[str, torc
         dtype = torch.int64 if key.endswith("num_batches_tracked") else torch.float32
         out[key] = torch.full(shape, i + 1, dtype=dtype)
     return out
-
-
-def load_reference(folder: Path, variant: str):
-    """(model in eval mode with the reference weights, input float32, expected logits)."""
-    from safetensors.torch import load_file
-
-    data = load_file(str(folder / f"{variant}.ref.safetensors"))
-    state = {k[len("model."):]: v.float() if v.is_floating_point() else v
-             for k, v in data.items() if k.startswith("model.")}
-    model = models.create(variant)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), data["input"].float(), data
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:

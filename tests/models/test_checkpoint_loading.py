@@ -121,13 +121,13 @@ def test_safetensors_needs_the_package(tmp_path, t8_state, monkeypatch):
 
 # --- loading ---------------------------------------------------------------------------------------
 
-def test_original_naming_loads(fastvit_fixtures, t8_state, tmp_path):
+def test_original_naming_loads(t8_state, tmp_path):
     """Our weights renamed to the original release's naming, saved like its checkpoints."""
-    import json
-
     from reparam.models.fastvit.checkpoint_keys import APPLE, apple_to_ours
 
-    apple_keys = [k for k, _ in json.loads((fastvit_fixtures / "fastvit_t8.apple-keys.json").read_text())["keys"]]
+    from reference_data import read_keys
+
+    apple_keys = [k for k, _ in read_keys("fastvit_t8", "apple")]
     ours_of = apple_to_ours({k: k for k in apple_keys})  # ours -> apple, as values
     apple_state = {apple: t8_state[ours] for ours, apple in ours_of.items()}
     path = tmp_path / "fastvit_t8_original.pth.tar"

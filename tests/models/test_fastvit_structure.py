@@ -18,21 +18,21 @@ from fastvit_testlib import (
     SMALL_VARIANTS,
     cached_model,
     marked_state_dict,
-    read_keys,
 )
+from reference_data import read_keys
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_state_dict_is_timm_naming_in_module_order(fastvit_fixtures, variant):
+def test_state_dict_is_timm_naming_in_module_order(variant):
     model = cached_model(variant)
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert ours == read_keys(fastvit_fixtures, variant, "timm")
+    assert ours == read_keys(variant, "timm")
 
 
 @pytest.mark.parametrize("variant", APPLE_VARIANTS)
-def test_apple_naming_maps_onto_ours(fastvit_fixtures, variant):
-    apple = read_keys(fastvit_fixtures, variant, "apple")
-    timm = dict(read_keys(fastvit_fixtures, variant, "timm"))
+def test_apple_naming_maps_onto_ours(variant):
+    apple = read_keys(variant, "apple")
+    timm = dict(read_keys(variant, "timm"))
     assert detect_naming(k for k, _ in apple) == APPLE
     mapped, naming = to_our_naming({k: s for k, s in apple})
     assert naming == APPLE
@@ -177,14 +177,14 @@ def test_drop_path_rates_and_behaviour():
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_strict_load_fills_every_tensor(fastvit_fixtures, variant):
+def test_strict_load_fills_every_tensor(variant):
     """A state_dict built from each published key list (timm naming, and the original release's
     where it exists) loads strictly, uses every tensor and fills every parameter and buffer."""
     model = cached_model(variant, take=True)  # this test overwrites its weights
     entry = models.get_entry(variant)
     namings = ["timm", "apple"] if variant in APPLE_VARIANTS else ["timm"]
     for naming in namings:
-        keys = read_keys(fastvit_fixtures, variant, naming)
+        keys = read_keys(variant, naming)
         state = marked_state_dict(keys)
         result = load_state(model, state, convert=entry.convert_state_dict, family="fastvit",
                             model_name=variant)
