@@ -129,3 +129,4 @@ def _build(entry: ModelEntry, overrides: dict) -> nn.Module:
 # Families register their variants on import.
 from . import fastvit as fastvit  # noqa: E402
 from . import mobileone as mobileone  # noqa: E402
+from . import repvgg as repvgg  # noqa: E402
