@@ -111,6 +111,9 @@ def _classifier_width(entry: ModelEntry, state: dict) -> int | None:
     """The number of classes of a checkpoint's classifier, None if it has none we recognise."""
     if entry.classifier_key is None:
         return None
+    from ..checkpoints import select_image_tower
+
+    state, _ = select_image_tower(state)
     if entry.convert_state_dict is not None:
         state, _ = entry.convert_state_dict(state)
     weight = state.get(entry.classifier_key)
