@@ -88,7 +88,7 @@ def test_mobileclip_release_loads_the_image_tower(tmp_path):
     assert torch.equal(model.head.fc.weight, proj.t()) and not model.head.fc.bias.any()
     pooled = torch.randn(3, 768)
     with torch.no_grad():
-        torch.testing.assert_close(model.head.fc(pooled), pooled @ proj)  # the same map as the release's
+        torch.testing.assert_close(model.head.fc(pooled), pooled @ proj, rtol=1e-4, atol=1e-4)  # the same map
 
 
 def test_open_clip_trunk_loads(tmp_path):
