@@ -185,7 +185,8 @@ class DiverseBranchBlock(nn.Module):
     stride 1, the kxk conv / average pool after them carries the stride; the average pool
     counts padding, so it is a depthwise kxk conv of 1/k^2). Inference form: one kxk
     convolution with bias: each sequential branch composes into a kxk kernel because its first
-    op is a 1x1 convolution without bias and without padding.
+    op is a 1x1 convolution without bias and without padding. `internal_chs` is the width between
+    the 1x1 and kxk convs of `dbb_1x1_kxk` (default: in_chs).
 
     Not exact, so not the default: the paper puts a BatchNorm between the 1x1 conv and the
     padded kxk conv / average pool (`inner_bn=True`). That BatchNorm shifts its output by a
@@ -201,13 +202,14 @@ class DiverseBranchBlock(nn.Module):
         super().__init__()
         k, pad = kernel_size, kernel_size // 2
         mid = internal_chs or in_chs
+        if in_chs % groups or out_chs % groups or mid % groups:
+            raise ValueError(f"DiverseBranchBlock: channels {in_chs} -> {mid} -> {out_chs} must be "
+                             f"divisible by groups={groups}")
         self.dbb_origin = ConvBN(in_chs, out_chs, k, stride=stride, groups=groups)
         self.dbb_1x1 = ConvBN(in_chs, out_chs, 1, stride=stride, groups=groups) if k > 1 else None
         self.dbb_1x1_kxk = _PointwiseThen(
             in_chs, mid, nn.Conv2d(mid, out_chs, k, stride=stride, padding=pad, groups=groups, bias=False),
             out_chs, groups, inner_bn)
-        if out_chs % groups or in_chs % groups:
-            raise ValueError(f"channels {in_chs} -> {out_chs} are not divisible by groups={groups}")
         self.dbb_avg = _PointwiseThen(
             in_chs, out_chs, nn.AvgPool2d(k, stride=stride, padding=pad, count_include_pad=True),
             out_chs, groups, inner_bn)
