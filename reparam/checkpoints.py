@@ -16,6 +16,11 @@ Otherwise an InputError names the file and lists missing keys, unexpected keys a
 mismatches (first few of each, with counts), and names the registered variant whose shapes fit,
 if there is one.
 
+Multi-model releases: a CLIP checkpoint that holds an image tower beside a text tower (MobileCLIP
+as released by apple/ml-mobileclip, the image encoder under `image_encoder.model.`; open_clip's
+`visual.trunk.`) loads into the image model: the tower's tensors are picked out by their prefix and
+the rest is ignored, with a one-line note (`select_image_tower`).
+
 The one tolerated difference is the classifier (the model's `head_key_prefixes`, `head.fc.` for
 FastViT): a checkpoint with a different number of classes, or a model built with num_classes=0 or
 features_only=True, loads everything else. Such notes are returned in `LoadResult.notes` and each
@@ -39,10 +44,13 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["CheckpointWarning", "LoadResult", "read_state_dict", "load_checkpoint", "load_state"]
+__all__ = ["CheckpointWarning", "LoadResult", "read_state_dict", "load_checkpoint", "load_state",
+           "select_image_tower"]
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _SHOW = 5  # how many keys of each kind an error message lists
+#: prefixes under which CLIP releases store their image tower: apple/ml-mobileclip, open_clip
+_IMAGE_TOWER_PREFIXES = ("image_encoder.model.", "visual.trunk.")
 
 
 class CheckpointWarning(UserWarning):
@@ -182,7 +190,7 @@ def load_state(
     """`load_checkpoint` for a state_dict already in memory; `source` names it in messages."""
     name = model_name or type(model).__name__
     naming = "as stored"
-    state = dict(state)
+    state, tower_note = select_image_tower(state, source)
     if convert is not None:
         state, naming = convert(state)
 
@@ -200,7 +208,7 @@ def load_state(
         raise InputError(_mismatch_message(source, naming, name, state, own, missing, unexpected,
                                            mismatched, family))
 
-    notes, skipped, not_loaded = [], [], []
+    notes, skipped, not_loaded = [tower_note] if tower_note else [], [], []
     own_head = {k: tuple(v.shape) for k, v in own.items() if is_head(k)}
     ckpt_head = {k: tuple(v.shape) for k, v in state.items() if is_head(k)}
     if own_head != ckpt_head:
@@ -219,6 +227,19 @@ def load_state(
     for note in notes:
         warnings.warn(note, CheckpointWarning, stacklevel=3)
     return LoadResult(source, naming, len(state), skipped, not_loaded, notes)
+
+
+def select_image_tower(state: Mapping[str, torch.Tensor], source: str = "<state_dict>") -> tuple[dict, str | None]:
+    """(the image tower's tensors with their prefix removed, a one-line note) when `state` is a
+    CLIP checkpoint with the image tower under a known prefix; (a copy of `state`, None) otherwise."""
+    for prefix in _IMAGE_TOWER_PREFIXES:
+        tower = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if tower:
+            others = len(state) - len(tower)
+            note = (f"{source}: loaded the image tower ({len(tower)} tensors under '{prefix}')"
+                    + (f"; ignored the {others} other tensors (text tower, logit scale, ...)" if others else ""))
+            return tower, note
+    return dict(state), None
 
 
 def _describe_head(shapes: dict[str, tuple]) -> str:

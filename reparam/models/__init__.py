@@ -3,6 +3,9 @@
     model = reparam.models.create("fastvit_t8", weights="fastvit_t8.pth.tar")
     fused = reparam.fuse(model, torch.randn(1, 3, 256, 256))
 
+Families: `fastvit` (FastViT t8..ma36, MobileCLIP towers mci0..mci4), `mobileone` (s0..s4),
+`repvgg` (a0..b3g4, d2se); all built from the public blocks of `reparam.nn`.
+
 Every family registers its variants here with `register(ModelEntry(...))`: a name, a factory that
 takes config overrides, the default input size and classifier width, and (optionally) a function
 that maps published checkpoint namings to the model's own. Parameter counts are computed on demand
@@ -84,8 +87,9 @@ def create(name: str, *, weights: str | Path | None = None, num_classes: int | N
         `.pth.tar`/`.pth`/`.pt`/`.bin` (read with weights_only=True) or `.safetensors`.
     num_classes: classifier width; 0 gives a model that returns pooled features. None takes the
         checkpoint's width when `weights` has a classifier, else the variant's default (1000 for
-        ImageNet models, 512 for the MobileCLIP towers). An explicit width that differs from the
-        checkpoint's loads everything but the classifier and warns (`CheckpointWarning`).
+        ImageNet models, 512 for the MobileCLIP towers mci0-2, 768 for mci3-4). An explicit width
+        that differs from the checkpoint's loads everything but the classifier and warns
+        (`CheckpointWarning`).
     overrides: fields of the family's config, e.g. drop_path_rate=0.1, features_only=True.
     """
     entry = get_entry(name)
@@ -111,6 +115,9 @@ def _classifier_width(entry: ModelEntry, state: dict) -> int | None:
     """The number of classes of a checkpoint's classifier, None if it has none we recognise."""
     if entry.classifier_key is None:
         return None
+    from ..checkpoints import select_image_tower
+
+    state, _ = select_image_tower(state)
     if entry.convert_state_dict is not None:
         state, _ = entry.convert_state_dict(state)
     weight = state.get(entry.classifier_key)
@@ -128,3 +135,5 @@ def _build(entry: ModelEntry, overrides: dict) -> nn.Module:
 
 # Families register their variants on import.
 from . import fastvit as fastvit  # noqa: E402
+from . import mobileone as mobileone  # noqa: E402
+from . import repvgg as repvgg  # noqa: E402

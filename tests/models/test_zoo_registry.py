@@ -16,7 +16,7 @@ def test_list_models():
     names = models.list_models()
     assert names == sorted(names)
     assert set(ALL_VARIANTS) <= set(names)
-    assert models.list_models("fastvit") == sorted(ALL_VARIANTS)
+    assert models.list_models("fastvit") == sorted(ALL_VARIANTS + ["fastvit_mci3", "fastvit_mci4"])
     assert models.list_models("no-such-family") == []
 
 

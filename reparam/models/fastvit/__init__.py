@@ -1,8 +1,9 @@
-"""FastViT (Vasu et al., ICCV 2023) and the MobileCLIP image towers, in training form.
+"""FastViT (Vasu et al., ICCV 2023) and the MobileCLIP / MobileCLIP2 image towers, in training form.
 
-blocks.py: MobileOne block, large-kernel conv, RepMixer, ConvFFN, RepCPE, attention;
-model.py: FastViTConfig, FastViTStage, FastViT; variants.py: the variant table (registered in
-`reparam.models`); checkpoint_keys.py: original (apple) and timm checkpoint naming -> ours.
+blocks.py: patch embedding, stem, ConvFFN, attention and the MetaFormer blocks, built on the
+public blocks of `reparam.nn` (MobileOne block, large-kernel conv, RepMixer, RepCPE, layer
+scale); model.py: FastViTConfig, FastViTStage, FastViT; variants.py: the variant table
+(registered in `reparam.models`); checkpoint_keys.py: original (apple) and timm naming -> ours.
 """
 
 from .model import FastViT, FastViTConfig, FastViTStage

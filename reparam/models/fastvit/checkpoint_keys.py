@@ -11,6 +11,7 @@ one list `network`:
     network.<i>.pe.*                  -> stages.<s>.pos_emb.pos_enc.*
     conv_exp.*                        -> final_conv.*
     head.*                            -> head.fc.*
+    head.proj  (MobileCLIP, x @ proj) -> head.fc.weight = proj.T, head.fc.bias = 0
     rbr_conv / rbr_scale / rbr_skip   -> conv_kxk / conv_scale / identity
     lkb_origin -> large_conv,  convffn -> mlp,  se.reduce / se.expand -> se.fc1 / se.fc2
     <...>.layer_scale[_1|_2] (a Parameter) -> <...>.layer_scale[_1|_2].gamma
@@ -83,10 +84,19 @@ def apple_key_to_ours(key: str, downsample_indices: list[int]) -> str:
 
 
 def apple_to_ours(state_dict: dict) -> dict:
-    """Rename an original-release state_dict to our naming; order and tensors are kept."""
+    """Rename an original-release state_dict to our naming; order and tensors are kept, except
+    for MobileCLIP's projection `head.proj` (in_dim, out_dim), applied as `x @ proj`: it becomes
+    the classifier `head.fc` (weight `proj.T`, bias zero), the same map."""
     downsample = sorted({int(m.group(1)) for k in state_dict
                          if (m := _NETWORK.match(k)) and m.group(2).startswith("proj.")})
-    return {apple_key_to_ours(k, downsample): v for k, v in state_dict.items()}
+    out = {}
+    for k, v in state_dict.items():
+        if k == "head.proj" and v.ndim == 2:
+            out["head.fc.weight"] = v.t()
+            out["head.fc.bias"] = v.new_zeros(v.shape[1])
+        else:
+            out[apple_key_to_ours(k, downsample)] = v
+    return out
 
 
 def to_our_naming(state_dict: dict) -> tuple[dict, str]:

@@ -1,7 +1,7 @@
 """The FastViT network: configuration, stage, model.
 
 Reads top-down: `FastViTConfig` (every architectural choice, one field each), `FastViTStage`
-(downsampling + optional positional encoding + blocks), `FastViT` (stem, four stages, head).
+(downsampling + optional positional encoding + blocks), `FastViT` (stem, four stages (five in MobileCLIP2's mci3/mci4), head).
 The variants themselves are rows of the table in `variants.py`.
 """
 
@@ -37,6 +37,8 @@ class FastViTConfig:
     se_downsamples: tuple[bool, ...] = (False,) * 4  # per stage: squeeze-excitation in its patch embedding
     lkc_use_act: bool = False  # GELU after the large-kernel conv of patch embeddings (MobileCLIP only)
     layer_scale_init: float = 1e-5  # initial value of every layer scale gamma
+    attn_norm: str = "batchnorm"  # norm before attention: "batchnorm", or "layernorm" (LayerNorm2d, MobileCLIP2)
+    stem_scale_branch: bool = True  # 1x1 scale branches in the stem's 3x3 blocks (False in MobileCLIP2)
     repmixer_kernel_size: int = 3  # kernel of RepMixer's depthwise conv
     down_patch_size: int = 7  # kernel of the large-kernel conv in patch embeddings
     down_stride: int = 2  # stride of patch embeddings
@@ -48,7 +50,7 @@ class FastViTConfig:
     drop_rate: float = 0.0  # dropout before the classifier (training only)
     proj_drop_rate: float = 0.0  # dropout inside ConvFFN and after the attention projection (training only)
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 to this over all blocks
-    features_only: bool = False  # build no head; forward returns the four stage outputs as a list
+    features_only: bool = False  # build no head; forward returns the stage outputs as a list
 
     def __post_init__(self):
         n = len(self.layers)
@@ -59,6 +61,8 @@ class FastViTConfig:
         for mixer in self.token_mixers:
             if mixer not in ("repmixer", "attention"):
                 raise ValueError(f"unknown token mixer {mixer!r}; use 'repmixer' or 'attention'")
+        if self.attn_norm not in ("batchnorm", "layernorm"):
+            raise ValueError(f"unknown attn_norm {self.attn_norm!r}; use 'batchnorm' or 'layernorm'")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -86,7 +90,8 @@ class FastViTStage(nn.Module):
             else:
                 blocks.append(AttentionBlock(dim, cfg.mlp_ratio, head_dim=cfg.head_dim,
                                              layer_scale_init=cfg.layer_scale_init,
-                                             proj_drop=cfg.proj_drop_rate, drop_path=rate))
+                                             proj_drop=cfg.proj_drop_rate, drop_path=rate,
+                                             norm=cfg.attn_norm))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,9 @@ class FastViTStage(nn.Module):
 class FastViT(nn.Module):
     """FastViT, from Vasu, Gabriel, Zhu, Tuzel and Ranjan, "FastViT: A Fast Hybrid Vision
     Transformer using Structural Reparameterization", ICCV 2023 (arXiv:2303.14189); the same
-    network family also gives the MobileCLIP image towers (Vasu et al., "MobileCLIP", CVPR 2024).
+    network family also gives the MobileCLIP image towers (Vasu et al., "MobileCLIP", CVPR 2024;
+    mci0-2) and the larger MobileCLIP2 towers (Faghri et al., "MobileCLIP2", 2025; mci3, mci4:
+    five stages, LayerNorm2d before attention, no scale branches in the stem).
 
     Written in training form only: every re-parameterizable branch is an explicit module and
     `reparam.fuse(model, x)` produces the inference form. State-dict names follow timm's FastViT.
@@ -106,10 +113,10 @@ class FastViT(nn.Module):
     (global average pool, linear). Interfaces:
 
     - `forward(x)`: logits, or pooled features when num_classes == 0, or with
-      `features_only=True` the list of the four stage outputs;
+      `features_only=True` the list of the stage outputs;
     - `forward_features(x)`: the map after `final_conv` (B, cls_ratio*C, H/32, W/32);
     - `forward_head(x, pre_logits=False)`;
-    - `forward_intermediates(x)`: list of the four stage outputs (for SA/MA models the last one is
+    - `forward_intermediates(x)`: list of the stage outputs (for SA/MA models the last one is
       after the attention blocks).
     """
 
@@ -118,7 +125,7 @@ class FastViT(nn.Module):
         self.cfg = cfg
         self.num_classes = 0 if cfg.features_only else cfg.num_classes
         self.features_only = cfg.features_only
-        self.stem = convolutional_stem(cfg.in_chans, cfg.embed_dims[0])
+        self.stem = convolutional_stem(cfg.in_chans, cfg.embed_dims[0], cfg.stem_scale_branch)
 
         total = sum(cfg.layers)
         rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -140,13 +147,13 @@ class FastViT(nn.Module):
         else:
             self.num_features = int(cfg.embed_dims[-1] * cfg.cls_ratio)
             self.final_conv = MobileOneBlock(cfg.embed_dims[-1], self.num_features, kernel_size=3,
-                                             groups=cfg.embed_dims[-1], use_se=True)
+                                             groups=cfg.embed_dims[-1], use_se=True, act_layer=nn.GELU)
             self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
             self.head_key_prefixes = ("head.fc.",)
         self.apply(_init_weights)
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of each of the four stages, at strides 4, 8, 16 and 32."""
+        """The output of each stage, at strides 4, 8, 16, 32 (and 64 with a fifth stage)."""
         x = self.stem(x)
         features = []
         for stage in self.stages:

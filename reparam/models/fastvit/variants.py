@@ -3,7 +3,7 @@
 Each row is a complete `FastViTConfig`; numbers from the paper's Table 1 and the reference code.
 MobileCLIP image towers (mci0/1/2) reuse the blocks with GELU after the large-kernel conv of the
 patch embeddings, squeeze-excitation in the last two patch embeddings and a 512-wide projection
-in place of the ImageNet classifier.
+in place of the ImageNet classifier; the MobileCLIP2 towers (mci3/4) are described at `_MCI2`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ _NO_CPE = (False, False, False, False)
 _CPE3 = (False, False, False, True)  # RepCPE before the last (attention) stage
 _MCI = dict(mlp_ratio=3.0, token_mixers=_SA, pos_embs=_CPE3,
             se_downsamples=(False, False, True, True), lkc_use_act=True, num_classes=512)
+# MobileCLIP2 towers: five stages, attention (with RepCPE) in the last two, LayerNorm2d before
+# attention, no SE in patch embeddings, no scale branches in the stem, 768-wide projection.
+_MCI2 = dict(mlp_ratio=4.0, token_mixers=("repmixer",) * 3 + ("attention",) * 2,
+             pos_embs=(False, False, False, True, True), se_downsamples=(False,) * 5, lkc_use_act=True,
+             attn_norm="layernorm", stem_scale_branch=False, num_classes=768)
 
 VARIANTS: dict[str, FastViTConfig] = {
     #                            layers          widths               mlp  mixers  RepCPE
@@ -36,6 +41,8 @@ VARIANTS: dict[str, FastViTConfig] = {
     "fastvit_mci0": FastViTConfig(layers=(2, 6, 10, 2), embed_dims=(64, 128, 256, 512), **_MCI),
     "fastvit_mci1": FastViTConfig(layers=(4, 12, 20, 4), embed_dims=(64, 128, 256, 512), **_MCI),
     "fastvit_mci2": FastViTConfig(layers=(4, 12, 24, 4), embed_dims=(80, 160, 320, 640), **_MCI),
+    "fastvit_mci3": FastViTConfig(layers=(2, 12, 24, 4, 2), embed_dims=(96, 192, 384, 768, 1536), **_MCI2),
+    "fastvit_mci4": FastViTConfig(layers=(2, 12, 24, 4, 4), embed_dims=(128, 256, 512, 1024, 2048), **_MCI2),
 }
 
 _TUPLE_FIELDS = {f.name for f in dataclasses.fields(FastViTConfig) if "tuple" in str(f.type)}
