@@ -1,18 +1,14 @@
 """Published state_dict key lists of the model families (imported as a plain module: pytest puts
 this folder on sys.path because tests/models has no __init__.py).
 
-The lists are looked up in the project's test data (tests/data/<family>/) first, then in the
-reference fixtures folder (REPARAM_FIXTURES or ../shared/fixtures); a test skips when neither
-has them.
+The lists live in the project's test data (tests/data/<family>/); a missing list is an error.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import torch
 
 import reparam.models as models
@@ -20,21 +16,13 @@ import reparam.models as models
 _TESTS = Path(__file__).resolve().parent.parent
 
 
-def _folders(family: str) -> list[Path]:
-    env = os.environ.get("REPARAM_FIXTURES")
-    shared = Path(env) if env else _TESTS.parent.parent / "shared" / "fixtures"
-    return [_TESTS / "data" / family, shared / family]
-
-
 def key_list(family: str, model: str, naming: str) -> list[tuple[str, tuple[int, ...]]]:
     """[(key, shape), ...] of `<model>.<naming>-keys.json`, in the listed order."""
-    for folder in _folders(family):
-        path = folder / f"{model}.{naming}-keys.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            assert data["model"] == model
-            return [(k, tuple(s)) for k, s in data["keys"]]
-    pytest.skip(f"no {naming} key list for {model} in {' or '.join(map(str, _folders(family)))}")
+    path = _TESTS / "data" / family / f"{model}.{naming}-keys.json"
+    assert path.is_file(), f"missing test data: {path}"
+    data = json.loads(path.read_text())
+    assert data["model"] == model
+    return [(k, tuple(s)) for k, s in data["keys"]]
 
 
 def meta_state_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
