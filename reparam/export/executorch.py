@@ -121,9 +121,8 @@ def _op_name(target) -> str:
     name = getattr(target, "__name__", None) or str(target)
     overload = getattr(target, "_op", None) or target
     qualified = getattr(overload, "_name", None)  # OpOverload: 'aten::mean' + overloadname
-    if isinstance(qualified, str) and "::" in qualified:
-        return qualified.replace("::", ".") + (f".{overload._overloadname}"
-                                               if getattr(overload, "_overloadname", "") else "")
+    if isinstance(qualified, str) and "::" in qualified:  # 'aten::mean.dim'
+        return qualified.replace("::", ".")
     return name
 
 

@@ -9,58 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from deploy_models import SmallOutputWrong, four_stages
 
 from reparam import export as ex
 from reparam.verify import DEFAULT_TOLERANCES, compare
-
-
-class FourStages(nn.Module):
-    """A toy backbone: four feature maps at strides 1, 2, 4, 8, of very different scales."""
-
-    def __init__(self):
-        super().__init__()
-        widths = [3, 4, 6, 8, 10]
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 3, 1 if i == 0 else 2, 1, bias=False),
-                          nn.BatchNorm2d(widths[i + 1]), nn.ReLU())
-            for i in range(4))
-        self.register_buffer("scales", torch.tensor([100.0, 10.0, 1.0, 1e-4]))
-
-    def forward(self, x):
-        features = []
-        for stage, scale in zip(self.stages, self.scales):
-            x = stage(x)
-            features.append(x * scale)
-        return tuple(features)
-
-
-def four_stages() -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    model = FourStages()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(0.3 * torch.randn(m.weight.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model.eval()
-
-
-class SmallOutputWrong(nn.Module):
-    """What a broken exporter might produce: the last (smallest) feature map five times too large."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        *rest, last = self.model(x)
-        return (*rest, last * 5)
 
 
 def _break_the_writer(monkeypatch, module):
