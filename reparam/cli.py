@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.debug = debug = bool(getattr(args, "debug", False))
     args.verbose = verbose = bool(getattr(args, "verbose", False)) or debug
     try:
-        from .errors import InputError, ReparamError
+        from .errors import InputError, ReparamError, first_line
         from .optional import MissingExtra
     except Exception as exc:  # pragma: no cover - broken installation
         _err(f"cannot import reparam: {exc}")
@@ -307,8 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # unexpected: one line, and how to see more
         if debug or verbose:
             traceback.print_exc()
-        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
-        _err(f"unexpected {type(exc).__name__}: {line[:300]}")
+        _err(f"unexpected {type(exc).__name__}: {first_line(exc)[:300]}")
         if not (debug or verbose):
             print("rerun with -v (or --debug) to see the traceback", file=sys.stderr)
         return EXIT_FAILED

@@ -18,7 +18,7 @@ from .core import (Check, CheckFailure, ExportError, Written, compare_outputs, o
 
 NAME = "pt2"
 SUFFIX = "pt2"
-DESCRIPTION = "torch.export program (AOTInductor, torch.export.load)"
+DESCRIPTION = "torch.export program (torch.export.load; for PyTorch runtimes)"
 IS_FOLDER = False
 DYNAMIC_BATCH = True
 OPTIONS = ()
