@@ -40,6 +40,8 @@ PRECISIONS = ("float16", "float32")
 FEATURE = "exporting to Core ML (--format coreml)"
 NO_PREDICTION = ("numerical verification of Core ML packages needs macOS (Core ML cannot run"
                  " predictions on this system); the checks above cover the program's structure only")
+NO_PREDICTION_ON_MAC = ("coremltools cannot run predictions here (its native extension does not"
+                        " load); the checks above cover the program's structure only")
 
 _CONV_TARGETS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution",
                  "aten._convolution")
@@ -124,8 +126,15 @@ def describe(path: str | os.PathLike) -> tuple[str, dict[str, int]]:
 
 
 def can_predict() -> bool:
-    """Core ML predictions need macOS (and coremltools' native extension)."""
-    return sys.platform == "darwin"
+    """Core ML predictions need macOS and coremltools' native extension (macOS wheels ship it)."""
+    if sys.platform != "darwin":
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("coremltools.libcoremlpython") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check(path: str | os.PathLike, fused: nn.Module, original: nn.Module | None,

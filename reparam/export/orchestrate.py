@@ -115,7 +115,10 @@ def export_model(model: nn.Module, example_input: torch.Tensor, output, *,
         if name == "onnx":
             result.opset = fmt.opset_of(tmp)
         if verify and name == "coreml" and not fmt.can_predict():
-            result.notes.append(fmt.NO_PREDICTION)
+            import sys
+
+            result.notes.append(fmt.NO_PREDICTION if sys.platform != "darwin"
+                                else fmt.NO_PREDICTION_ON_MAC)
         result.extra_files = staging.commit(force=force)
     result.seconds = time.perf_counter() - start
     return result
