@@ -188,7 +188,7 @@ def test_fused_fastvit_converts(tmp_path):
     assert all(c.ok for c in result.checks)
     ops, _ = _operations(tmp_path / "t8.mlpackage")
     assert "batch_norm" not in ops
-    fused = reparam.fuse(model, torch.randn(1, 3, 64, 64))
+    fused = reparam.fuse(model, torch.randn(1, 3, 64, 64), verify=False)
     convs = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
     assert ops["conv"] == convs  # every fused conv is one Core ML conv, nothing else is
 
