@@ -73,7 +73,8 @@ def test_numpy_outputs_compare_like_tensors():
     import numpy as np
 
     reference = (torch.ones(2, 3), torch.full((4,), 1e-3))
-    assert compare(reference, [np.ones((2, 3), np.float32), np.full(4, 1e-3, np.float32)]).ok is False  # list vs tuple
+    structure = compare(reference, [np.ones((2, 3), np.float32), np.full(4, 1e-3, np.float32)])
+    assert not structure.ok and "structure" in structure.where  # a tuple is not a list
     assert compare(list(reference), [np.ones((2, 3), np.float32), np.full(4, 1e-3, np.float32)]).ok
     assert not compare(list(reference), [np.ones((2, 3), np.float32), np.full(4, 5e-3, np.float32)]).ok
 
