@@ -3,7 +3,9 @@
     fused = reparam.fuse(model, example_input)   # a torch.fx.GraphModule in eval mode
     print(fused.report)                           # what was fused, what was refused and why
 
-The public API is `fuse`, `explain`, `Report` and the errors in `reparam.errors`.
+The public API is `fuse`, `explain`, `Report` and the errors in `reparam.errors`. The model zoo
+(`reparam.models`) and the exporters (`reparam.export`) are imported on first use, so that
+`import reparam` stays light.
 """
 
 from .errors import InputError, ReparamError, TraceFailure, VerificationError
@@ -20,3 +22,19 @@ __all__ = [
     "VerificationError",
 ]
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("models", "export", "resolve")
+
+
+def __getattr__(name: str):
+    # `reparam.models.create(...)` after a plain `import reparam`: import the subpackage on first
+    # access (its heavy optional dependencies stay unimported until a feature needs them).
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -2,13 +2,16 @@
 
     python -m reparam.cli export fastvit_t12 --weights fastvit_t12.pth.tar   # -> fastvit_t12.onnx
     python -m reparam.cli export mypkg.nets:build --input-shape 1,3,224,224 --format pt2
+    python -m reparam.cli export fastvit_t12 --format pte                    # ExecuTorch, XNNPACK
+    python -m reparam.cli export fastvit_t12 --format coreml                 # .mlpackage
     python -m reparam.cli explain fastvit_t8
     python -m reparam.cli list
 
-This module only parses arguments, prints and chooses exit codes; the work is in
-`reparam.export`. Exit codes: 0 success, 1 a check or the export failed, 2 a usage error (bad
-arguments, unknown model, unreadable weights, an output that cannot be written...). No Python
-traceback reaches the user unless -v (unexpected errors) or --debug (every error) asks for one.
+This module only parses arguments, prints and chooses exit codes; models are built by
+`reparam.resolve` and written by `reparam.export`. Exit codes: 0 success, 1 a check or the export
+failed, 2 a usage error (bad arguments, unknown model, unreadable weights, an output that cannot
+be written, an optional package to install...). No Python traceback reaches the user unless -v
+(unexpected errors) or --debug (every error) asks for one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ a callable returning an nn.Module (the current folder is importable), e.g. mynet
 examples:
   reparam export fastvit_t12 --weights fastvit_t12.pth.tar
   reparam export fastvit_t8 -o t8.pt2 --format pt2
+  reparam export fastvit_t8 --format pte          # ExecuTorch (XNNPACK): pip install "reparam[executorch]"
+  reparam export fastvit_t8 --format coreml       # Core ML .mlpackage: pip install "reparam[coreml]"
   reparam export mynets:build_net --input-shape 1,3,224,224
   reparam explain fastvit_t8
   reparam list
@@ -58,6 +63,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export.formats import DEFAULT_FORMAT, FORMATS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show progress and exporter messages; tracebacks of unexpected errors")
@@ -82,27 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    formats = "\n".join(f"  {name:<7} .{m.SUFFIX:<10} {m.DESCRIPTION}" for name, m in FORMATS.items())
     exp = sub.add_parser("export", parents=[common, model_args],
-                         help="fuse a model and write it as ONNX or torch.export (.pt2)",
-                         description="Fuse MODEL with reparam.fuse, write it as ONNX (dynamic\n"
-                         "batch) or a torch.export program, check the file against the fused and\n"
-                         "the original model, and move it into place only if every check passed.",
+                         help="fuse a model and write it as ONNX, torch.export, ExecuTorch or Core ML",
+                         description="Fuse MODEL with reparam.fuse, write it in one of these formats,\n"
+                         "check the output against the fused and the original model, and move it\n"
+                         f"into place only if every check passed.\n\nformats:\n{formats}",
                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("-o", "--output", metavar="OUT",
-                     help="output file (default: <model>.onnx or <model>.pt2 in this folder)")
-    exp.add_argument("--format", choices=["onnx", "pt2"],
-                     help="file format (default: from the -o suffix, else onnx)")
+                     help="output file (default: <model>.<format suffix> in this folder)")
+    exp.add_argument("--format", choices=list(FORMATS),
+                     help=f"output format (default: from the -o suffix, else {DEFAULT_FORMAT})")
     exp.add_argument("--batch-size", type=_positive_int, metavar="N",
-                     help="fix the batch size of the file to N (default: dynamic batch axis)")
+                     help="fix the batch size of the output to N (default: a dynamic batch axis"
+                          " for onnx and pt2; the example input's batch for pte and coreml)")
     exp.add_argument("--opset", type=_positive_int, metavar="N",
                      help="ONNX opset version (default: the exporter's recommended one)")
+    exp.add_argument("--precision", choices=["float16", "float32"],
+                     help="Core ML compute precision (default: float16, Core ML's default)")
+    exp.add_argument("--deployment-target", metavar="TARGET",
+                     help="Core ML minimum deployment target, e.g. iOS17 or macOS14 (default:"
+                          " coremltools' default, iOS15)")
     exp.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                      help="ONNX exporter: torch.export + torch.onnx (dynamo, default), or the"
                           " legacy TorchScript tracer, which records only the control flow taken"
                           " for the example input")
     exp.add_argument("--no-verify", action="store_true",
-                     help="skip every check (fusion verification, onnx.checker, ONNX Runtime)")
-    exp.add_argument("--force", action="store_true", help="overwrite an existing output file")
+                     help="skip every check (fusion verification, and the checks of the output)")
+    exp.add_argument("--force", action="store_true",
+                     help="replace an existing output (only once the new one passed its checks)")
 
     ex = sub.add_parser("explain", parents=[common, model_args],
                         help="show what reparam.fuse would fuse and refuse, with reasons",
@@ -129,15 +144,15 @@ def _warn(message: str) -> None:
 
 
 def _load(args, *, batch_size=None):
-    from . import export as ex
+    from . import resolve
 
-    shape = ex.parse_input_shape(args.input_shape) if args.input_shape is not None else None
-    loaded = ex.resolve_model(args.model, weights=args.weights, input_shape=shape,
-                              image_size=args.image_size, batch_size=batch_size)
+    shape = resolve.parse_input_shape(args.input_shape) if args.input_shape is not None else None
+    loaded = resolve.resolve_model(args.model, weights=args.weights, input_shape=shape,
+                                   image_size=args.image_size, batch_size=batch_size)
     for note in loaded.notes:
         _warn(note)
     example = loaded.example_input()
-    ex.check_input_accepted(loaded.model, example, name=f"model {args.model!r}")
+    resolve.check_input_accepted(loaded.model, example, name=f"model {args.model!r}")
     return loaded, example
 
 
@@ -149,7 +164,7 @@ def _weights_notice(args) -> None:
 
 
 def _seed() -> int:
-    from .export import INIT_SEED
+    from .resolve import INIT_SEED
 
     return INIT_SEED
 
@@ -158,21 +173,21 @@ def cmd_export(args) -> int:
     from . import export as ex
 
     t0 = time.perf_counter()
-    fmt = args.format
-    suffix = os.path.splitext(args.output)[1].lstrip(".").lower() if args.output else ""
-    if fmt is None:
-        fmt = suffix if suffix in ("onnx", "pt2") else "onnx"
-    elif suffix in ("onnx", "pt2") and suffix != fmt:
-        raise _Usage(f"--format {fmt} contradicts the output name {args.output}")
-    if args.opset is not None and fmt != "onnx":
-        raise _Usage("--opset only applies to --format onnx")
+    fmt = ex.resolve_format(args.format, args.output)
+    options = ex.formats.format_options(fmt, opset=args.opset, exporter=args.exporter,
+                                        precision=args.precision,
+                                        deployment_target=args.deployment_target)
     if args.input_shape is not None:  # malformed shapes are reported before anything else
         ex.parse_input_shape(args.input_shape)
-    # Check the destination before any expensive work. A factory's name is known only after
-    # import, so for package.module:factory the default name comes from the spec.
+    # Check the destination and the format's packages before any expensive work. A factory's
+    # name is known only after import, so for package.module:factory the default name comes from
+    # the spec.
+    module = ex.FORMATS[fmt]
     stem = args.model.rpartition(":")[2] if ex.is_factory_spec(args.model) else args.model
-    output = args.output if args.output is not None else ex.default_output_path(stem, fmt)
-    output = ex.check_output_path(output, force=args.force)
+    output = args.output if args.output is not None else ex.default_output_path(stem, module.SUFFIX)
+    output = ex.check_output_path(output, force=args.force, directory=module.IS_FOLDER)
+    ex.formats.require_extras(fmt)
+    module.validate(**options)
 
     say = (lambda m: print(f"[reparam] {m}", file=sys.stderr)) if args.verbose else None
     if say:
@@ -184,24 +199,29 @@ def cmd_export(args) -> int:
           f" {loaded.weights or 'randomly initialised (no --weights)'}")
     result = ex.export_model(loaded.model, example, output, format=fmt, opset=args.opset,
                              batch_size=args.batch_size, verify=not args.no_verify,
-                             force=args.force, exporter=args.exporter, verbose=args.verbose,
+                             force=args.force, exporter=args.exporter, precision=args.precision,
+                             deployment_target=args.deployment_target, verbose=args.verbose,
                              log=say)
     result.seconds = time.perf_counter() - t0
     print(result.summary())
-    if result.format == "onnx" and result.op_counts.get("BatchNormalization"):
-        _warn(f"{result.op_counts['BatchNormalization']} BatchNormalization nodes remain in the"
-              " file; `reparam explain` says why they were not fused")
+    norms = sum(n for op, n in result.op_counts.items()
+                if op in ("BatchNormalization", "batch_norm"))
+    if norms:
+        _warn(f"{norms} batch norm operators remain in the output; `reparam explain` says why"
+              " they were not fused")
     return EXIT_OK
 
 
 def cmd_explain(args) -> int:
-    from . import export as ex
+    from .export.core import quiet
+    from .pipeline import explain
+    from .resolve import parse_input_shape
 
     if args.input_shape is not None:
-        ex.parse_input_shape(args.input_shape)
+        parse_input_shape(args.input_shape)
     loaded, example = _load(args)
-    with ex.quiet(not args.verbose):
-        report = ex._default_explain()(loaded.model, example)
+    with quiet(not args.verbose):
+        report = explain(loaded.model, example)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -212,17 +232,18 @@ def cmd_explain(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import export as ex
+    from . import resolve
+    from .export.core import quiet
 
-    models = ex._models_module()
+    models = resolve.models_module()
     rows = []
-    for name in ex.registered_models():
+    for name in resolve.registered_models():
         try:
-            with ex.quiet(not args.verbose):
+            with quiet(not args.verbose):
                 params = f"{models.num_params(name) / 1e6:.2f}M"
         except Exception:
             params = "?"
-        size = ex.registered_input_size(name)
+        size = resolve.registered_input_size(name)
         entry = getattr(models, "get_entry", lambda n: None)(name)
         rows.append([name, params, "x".join(str(d) for d in size) if size else "-",
                      str(getattr(entry, "description", "") or "")])
@@ -241,10 +262,6 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-class _Usage(Exception):
-    """A usage error found after argument parsing (exit code 2)."""
-
-
 _COMMANDS = {"export": cmd_export, "explain": cmd_explain, "list": cmd_list}
 
 
@@ -257,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.debug = debug = bool(getattr(args, "debug", False))
     args.verbose = verbose = bool(getattr(args, "verbose", False)) or debug
     try:
-        from .errors import InputError, ReparamError
+        from .errors import InputError, ReparamError, first_line
+        from .optional import MissingExtra
     except Exception as exc:  # pragma: no cover - broken installation
         _err(f"cannot import reparam: {exc}")
         return EXIT_FAILED
@@ -271,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
-    except (_Usage, InputError) as exc:
+    except (InputError, MissingExtra) as exc:
         if debug:
             traceback.print_exc()
         _err(str(exc))
@@ -289,8 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # unexpected: one line, and how to see more
         if debug or verbose:
             traceback.print_exc()
-        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
-        _err(f"unexpected {type(exc).__name__}: {line[:300]}")
+        _err(f"unexpected {type(exc).__name__}: {first_line(exc)[:300]}")
         if not (debug or verbose):
             print("rerun with -v (or --debug) to see the traceback", file=sys.stderr)
         return EXIT_FAILED
