@@ -15,7 +15,8 @@ description, so the propagation pass sees a single form of each.
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
     sum             x + y, x - y                            A + B over a common source
     concat          torch.cat(dim=channels)                 outputs stacked
-    layout          flatten, transpose, permute, reshape    moves the channel axis (pointwise only)
+    layout          flatten, transpose, permute, reshape,   moves the channel axis (pointwise only)
+                    view, view_as, reshape_as, unflatten
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ _NEG = {operator.neg, torch.neg, torch.negative}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _LAYOUT_FUNCS = {torch.flatten: "flatten", torch.transpose: "transpose", torch.swapaxes: "transpose",
                  torch.permute: "permute", torch.reshape: "reshape", torch.squeeze: "squeeze",
-                 torch.unsqueeze: "unsqueeze", torch.movedim: "movedim", torch.moveaxis: "movedim"}
+                 torch.unsqueeze: "unsqueeze", torch.movedim: "movedim", torch.moveaxis: "movedim",
+                 torch.unflatten: "reshape"}
 _LAYOUT_METHODS = {"flatten": "flatten", "transpose": "transpose", "swapaxes": "transpose",
                    "permute": "permute", "reshape": "reshape", "view": "reshape", "squeeze": "squeeze",
-                   "unsqueeze": "unsqueeze", "movedim": "movedim", "moveaxis": "movedim"}
+                   "unsqueeze": "unsqueeze", "movedim": "movedim", "moveaxis": "movedim", "unflatten": "reshape"}
 _METHOD_ARITH = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg",
                  "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "div",
                  "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
@@ -88,6 +90,7 @@ class LinearOp:
     shift: torch.Tensor | None = None
     sign: float = 1.0
     layout: str = ""
+    shape_of: torch.fx.Node | None = None  # layout: the tensor whose shape `reshape_as` copies
     reason: str = ""
     member: str = ""  # name of the operation for the report
 
@@ -173,6 +176,8 @@ class Classifier:
             return LinearOp("identity", [x], member=name)
         if isinstance(m, nn.Flatten):
             return LinearOp("layout", [x], layout="flatten", member=name)
+        if isinstance(m, nn.Unflatten):
+            return LinearOp("layout", [x], layout="reshape", member=name)
         return None
 
     # -- functions ---------------------------------------------------------------------------
@@ -259,6 +264,9 @@ class Classifier:
             return LinearOp("identity", [x], member=node.name)
         if name in _LAYOUT_METHODS:
             return LinearOp("layout", [x], layout=_LAYOUT_METHODS[name], member=node.name)
+        if name in ("reshape_as", "view_as") and len(node.args) == 2 and _tensor_input(node.args[1]) \
+                and not node.kwargs:
+            return LinearOp("layout", [x], layout="reshape", shape_of=node.args[1], member=node.name)
         kind = _METHOD_ARITH.get(name)
         if kind is None:
             return None
