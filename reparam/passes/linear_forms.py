@@ -49,6 +49,7 @@ class Form:
     members: tuple[str, ...] = ()
     parts_cost: float = 0.0  # estimated latency of the original operations (affine.CostModel), ns
     parts_macs: int = 0  # their multiply-accumulates
+    n_ops: int = 0  # original operations combined (identities and layout steps not counted)
     origin: torch.fx.Node | None = None  # set when the form is exactly one untouched original node
     # Layout steps of `after` that read the shape of an absorbed node whose metadata is that of
     # `op`'s output: (reader, node read). They forbid moving `op` behind the layout steps.
@@ -60,8 +61,8 @@ class Form:
 
     @property
     def combined(self) -> bool:
-        """Does the form stand for more than one original operation?"""
-        return len(set(self.members)) > 1
+        """Does the form combine several original operations (a region worth reporting)?"""
+        return self.n_ops > 1
 
 
 @dataclass(frozen=True)
@@ -343,14 +344,14 @@ class LinearFormPass:
             if combined is not None:
                 self.absorb(x, node)
                 return replace(combined, members=form.members + (member,), parts_cost=form.parts_cost + own_cost,
-                               parts_macs=form.parts_macs + own_macs, origin=None)
+                               parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1)
             self.refuse(", ".join(form.members + (member,)), reason)
         elif x in self.forms and len(self._real_users(x)) == 1:
             problem = self._carrier_problem(x, node)
             if problem:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
         return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
-                    origin=node)
+                    origin=node, n_ops=1)
 
     def _compose(self, op: AffineConv, form: Form, node, own_cost: float, own_macs: int) -> tuple[Form | None, str]:
         if form.after:
@@ -482,6 +483,7 @@ class LinearFormPass:
                 parts_cost = sum(t.form.parts_cost for t in chosen) + joins * (len(chosen) - 1)
                 form = replace(chosen[0].form, op=fused, origin=None, parts_cost=parts_cost,
                                parts_macs=sum(t.form.parts_macs for t in chosen),
+                               n_ops=sum(t.form.n_ops for t in chosen) + len(chosen) - 1,
                                members=tuple(m for t in chosen for m in t.form.members))
                 parts.append(SumPart(1.0, form=form))
         if len(parts) == 1 and parts[0].form is not None:
@@ -536,7 +538,7 @@ class LinearFormPass:
                 self.absorb(x, node)
         return Form(forms[0].source, fused, axis, axis, len(shape),
                     members=tuple(m for f in forms for m in f.members) + (rule.member,), parts_cost=parts,
-                    parts_macs=parts_macs)
+                    parts_macs=parts_macs, n_ops=sum(f.n_ops for f in forms) + 1)
 
     # -- layout ------------------------------------------------------------------------------
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:
