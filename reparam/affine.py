@@ -588,7 +588,7 @@ def partition_sum(ops: list[AffineConv], op_cost, join_cost: float) -> tuple[lis
     classes: dict = {}
     for i, op in enumerate(ops):
         classes.setdefault(_geometry_key(op), []).append(i)
-    blocks = list(classes.values())
+    blocks = [classes[k] for k in sorted(classes, key=repr)]  # ties break alike in any order
     cache: dict[tuple, float] = {}
 
     def block_cost(members: tuple[int, ...]) -> float:
