@@ -115,3 +115,72 @@ def _attr_shape(gm, node):
 def counts(gm: torch.fx.GraphModule) -> Counts:
     return Counts(nodes=len(gm.graph.nodes), params=count_params(gm), macs=count_macs(gm),
                   latency_us=estimate_latency(gm) / 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting: no linear operation is left beside another without a word in the report
+# --------------------------------------------------------------------------------------------
+
+def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str]:
+    """Pairs of adjacent linear operations in `fused` that the report does not explain.
+
+    A linear operation (conv, norm, linear, channel affine, layer scale, average pooling...) that
+    feeds another one directly (through identities and layout steps only, as its only consumer)
+    could have been combined with it. Such a pair is accounted for when a refusal of the report
+    (`fused.report` unless given) names one of the two, or one of the operations a fused region in
+    the pair replaced. Returns "A -> B" for each pair that is not; an empty list means every
+    linear operation left is either alone or explained.
+    """
+    from .passes.ops import Classifier, member_name
+    from .trace import Constants
+
+    report = report if report is not None else getattr(fused, "report", None)
+    consts = Constants({n: (v.detach().double() if v.is_floating_point() else v.detach())
+                        for n in fused.graph.nodes if n.op == "get_attr"
+                        for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
+    classify = Classifier(fused, consts)
+    named: set[str] = set()
+    regions = {}
+    if report is not None:
+        for r in report.refusals:
+            named.update(part.strip() for part in r.where.split(","))
+        regions = {r.name: set(r.members) for r in report.regions}
+
+    def kind(node):
+        if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
+            return "affine"
+        rule = classify(node) if isinstance(node, torch.fx.Node) else None
+        return rule.kind if rule is not None else None
+
+    def names(node) -> set[str]:
+        name = member_name(node)
+        return {name} | regions.get(name, set())
+
+    def linear_input(node):
+        """The linear op feeding `node` through identities and layout steps, if it feeds only that."""
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        while x is not None and len(x.users) == 1:
+            k = kind(x)
+            if k in ("identity", "layout"):
+                x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else None
+                continue
+            return x if k in ("affine", "scale", "shift") else None
+        return None
+
+    missing = []
+    for node in fused.graph.nodes:
+        if kind(node) not in ("affine", "scale", "shift"):
+            continue
+        before = linear_input(node)
+        if before is None:
+            continue
+        if not (names(node) | names(before)) & named:
+            missing.append(f"{member_name(before)} -> {member_name(node)}")
+    return missing
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
