@@ -201,6 +201,14 @@ def batch_norm(running_mean, running_var, weight, bias, eps: float, nd: int) -> 
     return per_channel(a, shift, nd)
 
 
+def zero_pad(channels: int, padding, nd: int, device=None) -> AffineConv:
+    """`F.pad` with zeros, the same amount on both sides of each spatial axis: an identity 1x1
+    convolution with that padding (its border is the bias, zero)."""
+    ones = torch.ones(channels, dtype=torch.float64, device=device)
+    op = per_channel(ones, torch.zeros_like(ones), nd)
+    return replace(op, padding=_tuple(padding, nd))
+
+
 def avg_pool(channels: int, kernel_size, stride, padding, nd: int, divisor=None, device=None) -> AffineConv:
     """Average pooling that counts padding (`count_include_pad=True`): depthwise kxk of 1/k^2."""
     k = _tuple(kernel_size, nd)
@@ -402,9 +410,14 @@ def compose_refusal(after: AffineConv, before: AffineConv) -> str | None:
     if after.nd != before.nd:
         return "operators have different numbers of spatial dimensions"
     if after.has_padding:
-        if not before.is_pointwise:
+        # A 1x1 stride-1 map without bias sends zeros to zeros, so zero padding commutes with it,
+        # whatever padding it has itself (a zero `F.pad` is such a map).
+        one_by_one = all(k == 1 for k in before.kernel_size) and all(s == 1 for s in before.stride)
+        if not one_by_one:
             return ("the second convolution pads its input, and the first is not pointwise: "
                     "its border would see zeros instead of the first's output")
+        if before.has_padding and (before.padding_mode != "zeros" or after.padding_mode != "zeros"):
+            return "padding modes other than 'zeros' on both sides of a composition"
         if before.bias.any() and after.padding_mode == "zeros":
             return ("a per-channel shift before a zero-padded convolution: the padded border would "
                     "see zeros instead of the shift")
