@@ -487,10 +487,36 @@ class LinearFormPass:
                                members=tuple(m for t in chosen for m in t.form.members))
                 parts.append(SumPart(1.0, form=form))
         if len(parts) == 1 and parts[0].form is not None:
-            return replace(parts[0].form, members=members)
+            return self._through_shared_source(node, terms, replace(parts[0].form, members=members))
         if any(p.form is not None for p in parts):
             self.sum_parts[node] = parts
         return None
+
+    def _through_shared_source(self, node, terms: list[Term], form: Form) -> Form:
+        """Branches that all read one linear value `s` (`a(s) + b(s)`, RepGhost's `cheap(s) +
+        bn(s)`) merged into one operator: `s` now has that one consumer, so compose with it too."""
+        source = form.source
+        inner = self.forms.get(source)
+        if inner is None or form.has_layout or inner.after or source in self.absorbed:
+            return form
+        ends = {t.node for t in terms if t.owned and t.form.source is source} | {node}
+        for reader in self._real_users(source):
+            while reader not in ends and reader in self.absorbed:  # absorbed nodes have one consumer
+                reader = self._single_user(reader)
+            if reader not in ends:
+                return form  # `source` is read elsewhere too
+        if self._carrier_problem(source, node) is not None:
+            return form
+        shape = shape_of(node)
+        own_cost = self.op_cost(form.op, source, shape, form.axis)
+        own_macs = form.op.cost * positions(shape, form.axis)
+        combined, reason = self._compose(form.op, inner, node, own_cost, own_macs)
+        if combined is None:
+            self.refuse(", ".join(inner.members + form.members), reason)
+            return form
+        self.absorb(source, node)
+        return replace(combined, members=inner.members + form.members, parts_cost=inner.parts_cost + form.parts_cost,
+                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops)
 
     def _as_part(self, t: Term) -> SumPart:
         return SumPart(t.sign, node=t.node)
