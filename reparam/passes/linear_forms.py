@@ -317,7 +317,10 @@ class LinearFormPass:
         consts = [c for c in (scale, shift) if c is not None]
         axes = {a for c in consts for a in _varying_axes(c, shape)}
         if any(c.dim() > len(shape) for c in consts) or len(axes) > 1:
-            return None  # varies along several axes: not a per-channel map
+            if x in self.forms and len(self._real_users(x)) == 1:  # say why the neighbour stays apart
+                self.refuse(", ".join(self.forms[x].members + (rule.member,)),
+                            "the constant varies along several axes: not a per-channel map")
+            return None
         if axes:
             axis = axes.pop()
         else:
