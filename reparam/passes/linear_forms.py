@@ -6,6 +6,16 @@ nonlinearity, a node needed in several places) and `op` is an `AffineConv`. A li
 the forms of its inputs when the combination is exact and no more expensive than its parts;
 otherwise its inputs become sources and the refusal is recorded with its reason.
 
+Sums are decided once, at the root of each tree of additions: the branches (whatever the order
+and nesting they were written in) are grouped by source, then partitioned by geometry into the
+cheapest set of fused operators (`affine.partition_sum`). Channel-wise groups are judged by the
+latency estimate of `affine.CostModel`, groups that mix channels by multiply-accumulates.
+
+Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
+are not uses: when a value disappears into a fused operator, its readers read a value with the
+same metadata instead (the source, or the value that absorbs it), moved after that value if
+needed; where no such value exists the value stays, and the refusal says so.
+
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
 That is how a BatchNorm before `flatten(2).transpose(1, 2)` folds into the following Linear.
