@@ -1,4 +1,10 @@
-"""Sizes of a traced model: graph nodes, parameters, multiply-accumulates for an input shape."""
+"""Sizes of a traced model: graph nodes, parameters, multiply-accumulates and estimated latency.
+
+The counts use the same terms as the fusion rules (`affine.CostModel`), so that a fusion the rules
+accept never makes "after" larger than "before": a BatchNorm counts like the depthwise 1x1
+convolution (or channel affine) that replaces it, average pooling like its depthwise kernel, and
+elementwise additions and products of two tensors count their memory traffic.
+"""
 
 from __future__ import annotations
 
@@ -10,48 +16,91 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import affine
+from .modules import ChannelAffine
 from .report import Counts
-from .trace import shape_of
+from .trace import dtype_of, shape_of
 
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+           torch.div, operator.iadd, operator.isub, operator.imul}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_macs(gm: torch.fx.GraphModule) -> int:
-    """Multiply-accumulates of convolutions, linear layers and matrix products.
-
-    Uses the shapes stored by `trace.propagate_shapes`; other operations (normalization,
-    activations, additions) are not counted, as is usual for MAC figures.
-    """
-    total = 0
+def _linear_ops(gm: torch.fx.GraphModule):
+    """(node, macs per output element, weight elements, grouped) for every op the rules count."""
     for node in gm.graph.nodes:
         out = shape_of(node)
-        if out is None:
+        if out is None or len(out) == 0:
             continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                total += math.prod(out) * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+                cin_g = m.in_channels // m.groups
+                yield node, cin_g * math.prod(m.kernel_size), m.weight.numel(), cin_g < affine.GROUPED_BELOW
             elif isinstance(m, nn.Linear):
-                total += math.prod(out) * m.in_features
+                yield node, m.in_features, m.weight.numel(), False
+            elif isinstance(m, _BN) or isinstance(m, ChannelAffine):
+                yield node, 1, 2 * (m.num_features if isinstance(m, _BN) else m.scale.numel()), True
+            elif isinstance(m, _POOL):
+                k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * (len(out) - 2)
+                yield node, math.prod(k), 0, True
         elif node.op == "call_function":
-            if node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
-                w = shape_of(node.args[1]) if len(node.args) > 1 else None
-                w = w or _attr_shape(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+            if node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d):
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                w = shape_of(w) or _attr_shape(gm, w)
                 if w:
-                    total += math.prod(out) * math.prod(w[1:])
+                    yield node, math.prod(w[1:]), math.prod(w), len(w) > 2 and w[1] < affine.GROUPED_BELOW
+            elif node.target is F.batch_norm:
+                yield node, 1, 2 * (out[1] if len(out) > 1 else 1), True
             elif node.target in _MATMUL and len(node.args) == 2:
                 a = shape_of(node.args[0])
                 if a:
-                    total += math.prod(out) * a[-1]
+                    yield node, a[-1], 0, False
         elif node.op == "call_method" and node.target in ("matmul", "bmm", "mm", "__matmul__"):
             a = shape_of(node.args[0])
             if a:
-                total += math.prod(out) * a[-1]
+                yield node, a[-1], 0, False
+
+
+def count_macs(gm: torch.fx.GraphModule) -> int:
+    """Multiply-accumulates of convolutions, linear layers, matrix products, norms and pooling.
+
+    Uses the shapes stored by `trace.propagate_shapes`. A BatchNorm (or channel affine) counts one
+    MAC per element, like the depthwise 1x1 convolution that can replace it; average pooling counts
+    its window, like its depthwise kernel.
+    """
+    return sum(math.prod(shape_of(node)) * per for node, per, _, _ in _linear_ops(gm))
+
+
+def estimate_latency(gm: torch.fx.GraphModule, model: affine.CostModel = affine.DEFAULT_COST) -> float:
+    """Estimated latency in nanoseconds of the ops the fusion rules count (`affine.CostModel`)."""
+    total = 0.0
+    for node, per, weights, grouped in _linear_ops(gm):
+        out = math.prod(shape_of(node))
+        src = node.args[0] if node.args else None
+        inp = math.prod(shape_of(src)) if shape_of(src) else out
+        size = _itemsize(node)
+        total += (model.overhead + (model.mac_grouped if grouped else model.mac) * out * per
+                  + model.byte * size * (inp + out + weights))
+    for node in gm.graph.nodes:
+        is_binary = (node.op == "call_function" and node.target in _BINARY) or (
+            node.op == "call_method" and node.target in _BINARY_METHODS)
+        if is_binary and shape_of(node) and sum(isinstance(a, torch.fx.Node) and shape_of(a) is not None
+                                                and a.op != "get_attr" for a in node.args[:2]) == 2:
+            total += model.elementwise(math.prod(shape_of(node)), 2, _itemsize(node))
     return total
+
+
+def _itemsize(node) -> int:
+    dtype = dtype_of(node)
+    return dtype.itemsize if dtype is not None else 4
 
 
 def _attr_shape(gm, node):
@@ -64,4 +113,74 @@ def _attr_shape(gm, node):
 
 
 def counts(gm: torch.fx.GraphModule) -> Counts:
-    return Counts(nodes=len(gm.graph.nodes), params=count_params(gm), macs=count_macs(gm))
+    return Counts(nodes=len(gm.graph.nodes), params=count_params(gm), macs=count_macs(gm),
+                  latency_us=estimate_latency(gm) / 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting: no linear operation is left beside another without a word in the report
+# --------------------------------------------------------------------------------------------
+
+def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str]:
+    """Pairs of adjacent linear operations in `fused` that the report does not explain.
+
+    A linear operation (conv, norm, linear, channel affine, layer scale, average pooling...) that
+    feeds another one directly (through identities and layout steps only, as its only consumer)
+    could have been combined with it. Such a pair is accounted for when a refusal of the report
+    (`fused.report` unless given) names one of the two, or one of the operations a fused region in
+    the pair replaced. Returns "A -> B" for each pair that is not; an empty list means every
+    linear operation left is either alone or explained.
+    """
+    from .passes.ops import Classifier, member_name
+    from .trace import Constants
+
+    report = report if report is not None else getattr(fused, "report", None)
+    consts = Constants({n: (v.detach().double() if v.is_floating_point() else v.detach())
+                        for n in fused.graph.nodes if n.op == "get_attr"
+                        for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
+    classify = Classifier(fused, consts)
+    named: set[str] = set()
+    regions = {}
+    if report is not None:
+        for r in report.refusals:
+            named.update(part.strip() for part in r.where.split(","))
+        regions = {r.name: set(r.members) for r in report.regions}
+
+    def kind(node):
+        if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
+            return "affine"
+        rule = classify(node) if isinstance(node, torch.fx.Node) else None
+        return rule.kind if rule is not None else None
+
+    def names(node) -> set[str]:
+        name = member_name(node)
+        return {name} | regions.get(name, set())
+
+    def linear_input(node):
+        """The linear op feeding `node` through identities and layout steps, if it feeds only that."""
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        while x is not None and len(x.users) == 1:
+            k = kind(x)
+            if k in ("identity", "layout"):
+                x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else None
+                continue
+            return x if k in ("affine", "scale", "shift") else None
+        return None
+
+    missing = []
+    for node in fused.graph.nodes:
+        if kind(node) not in ("affine", "scale", "shift"):
+            continue
+        before = linear_input(node)
+        if before is None:
+            continue
+        if not (names(node) | names(before)) & named:
+            missing.append(f"{member_name(before)} -> {member_name(node)}")
+    return missing
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

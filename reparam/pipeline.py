@@ -52,7 +52,7 @@ def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | 
         start = time.perf_counter()
         fused, report = _fuse_module(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
-        report.after = Counts(len(fused.graph.nodes), count_params(fused), count_macs(fused))
+        report.after = counts(fused)
         if verify:
             output = fused(*inputs)
             result = check(reference, output, name, rtol, atol)

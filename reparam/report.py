@@ -39,11 +39,14 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Counts:
-    """Size of a model: graph nodes, parameters, multiply-accumulates for the example input."""
+    """Size of a model for the example input: graph nodes, parameters, multiply-accumulates (norms
+    and pooling included, like the depthwise convolutions that can replace them) and the latency
+    the cost model of the fusion rules estimates (`reparam.affine.CostModel`), in microseconds."""
 
     nodes: int
     params: int
     macs: int
+    latency_us: float = 0.0
 
 
 @dataclass
@@ -73,7 +76,8 @@ class Report:
                     ["graph nodes", self.before.nodes, self.after.nodes, _ratio(self.after.nodes, self.before.nodes)],
                     ["parameters", f"{self.before.params:,}", f"{self.after.params:,}", _ratio(self.after.params, self.before.params)],
                     ["MACs", f"{self.before.macs:,}", f"{self.after.macs:,}", _ratio(self.after.macs, self.before.macs)],
-                ],
+                ] + ([["est. latency (us)", f"{self.before.latency_us:,.0f}", f"{self.after.latency_us:,.0f}",
+                       _ratio(self.after.latency_us, self.before.latency_us)]] if self.before.latency_us else []),
             ))
         lines.append(
             f"{len(self.regions)} fused regions, {len(self.refusals)} refusals, {len(self.leaves)} untraceable leaves"

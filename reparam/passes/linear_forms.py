@@ -6,6 +6,16 @@ nonlinearity, a node needed in several places) and `op` is an `AffineConv`. A li
 the forms of its inputs when the combination is exact and no more expensive than its parts;
 otherwise its inputs become sources and the refusal is recorded with its reason.
 
+Sums are decided once, at the root of each tree of additions: the branches (whatever the order
+and nesting they were written in) are grouped by source, then partitioned by geometry into the
+cheapest set of fused operators (`affine.partition_sum`). Channel-wise groups are judged by the
+latency estimate of `affine.CostModel`, groups that mix channels by multiply-accumulates.
+
+Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
+are not uses: when a value disappears into a fused operator, its readers read a value with the
+same metadata instead (the source, or the value that absorbs it), moved after that value if
+needed; where no such value exists the value stays, and the refusal says so.
+
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
 That is how a BatchNorm before `flatten(2).transpose(1, 2)` folds into the following Linear.
@@ -23,7 +33,7 @@ import torch.fx
 
 from .. import affine
 from ..affine import AffineConv
-from ..trace import Constants, is_shape_query, shape_of
+from ..trace import Constants, dtype_of, is_shape_query, shape_of
 from .ops import Classifier, LinearOp
 
 
@@ -47,18 +57,47 @@ class Form:
     before: tuple[LayoutStep, ...] = ()
     after: tuple[LayoutStep, ...] = ()
     members: tuple[str, ...] = ()
-    parts_cost: int = 0  # multiply-accumulates of the original operations, for the example input
+    parts_cost: float = 0.0  # estimated latency of the original operations (affine.CostModel), ns
+    parts_macs: int = 0  # their multiply-accumulates
+    n_ops: int = 0  # original operations combined (identities and layout steps not counted)
     origin: torch.fx.Node | None = None  # set when the form is exactly one untouched original node
+    # Layout steps of `after` that read the shape of an absorbed node whose metadata is that of
+    # `op`'s output: (reader, node read). They forbid moving `op` behind the layout steps.
+    shape_refs: tuple[tuple[torch.fx.Node, torch.fx.Node], ...] = ()
 
     @property
     def has_layout(self) -> bool:
         return bool(self.before or self.after)
+
+    @property
+    def combined(self) -> bool:
+        """Does the form combine several original operations (a region worth reporting)?"""
+        return self.n_ops > 1
 
 
 @dataclass(frozen=True)
 class RefusalRecord:
     where: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Term:
+    """One branch of a sum: `sign * value(node)`, computed as `form` when `owned`."""
+
+    node: torch.fx.Node
+    sign: float
+    form: Form
+    owned: bool
+
+
+@dataclass(frozen=True)
+class SumPart:
+    """One operand of a sum that stays a sum: a fused `form` or an original `node`, with a sign."""
+
+    sign: float
+    form: Form | None = None
+    node: torch.fx.Node | None = None
 
 
 def spatial_dims(ndim: int, axis: int) -> int:
@@ -80,19 +119,52 @@ def at_layout(op: AffineConv, ndim: int, axis: int) -> AffineConv | None:
     return affine.with_spatial_dims(op, nd) if nd else affine.as_pointwise(op)
 
 
+METHODS_READING_METADATA = {"size", "dim", "numel", "ndimension", "get_device", "is_contiguous",
+                            "is_floating_point", "is_complex", "element_size", "nelement"}
+# Methods whose second argument contributes only its shape.
+SHAPE_FROM_SECOND = {"reshape_as", "view_as", "expand_as"}
+
+
+def is_metadata_read(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Does `user` read only the shape, dtype or device of `value`, never its numbers?"""
+    if is_shape_query(user):
+        return True
+    if user.op == "call_method" and user.args and user.args[0] is value:
+        return user.target in METHODS_READING_METADATA
+    if user.op == "call_method" and user.target in SHAPE_FROM_SECOND and len(user.args) == 2:
+        return user.args[1] is value and user.args[0] is not value
+    return False
+
+
 class LinearFormPass:
     """Computes forms for every node; the result drives `lower.lower_forms`."""
 
-    def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
+    def __init__(self, gm: torch.fx.GraphModule, consts: Constants, cost: affine.CostModel = affine.DEFAULT_COST):
         self.gm = gm
+        self.cost = cost
         self._classifier = Classifier(gm, consts)
         self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.forms: dict[torch.fx.Node, Form] = {}
         self.absorbed: set[torch.fx.Node] = set()
-        self.rewire: dict[torch.fx.Node, torch.fx.Node] = {}  # shape query -> node it now reads
+        self.rewire: dict[torch.fx.Node, torch.fx.Node] = {}  # metadata read -> node it now reads
+        # Metadata reads of absorbed nodes that a later (materialized) node of equal shape serves.
+        self.carried_reads: dict[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
         self.refusals: list[RefusalRecord] = []
-        self.over_budget: dict[torch.fx.Node, str] = {}  # partial sums dearer than their parts
-        self.absorbed_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        # Partial sums that feed a sum: their branches and the names of the additions so far.
+        self.sum_terms: dict[torch.fx.Node, tuple[list[Term], tuple[str, ...]]] = {}
+        self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
+        self.sum_parts: dict[torch.fx.Node, list[SumPart]] = {}  # sums computed as several parts
+        self._index = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._visitors = {
+            "affine": self._visit_affine,
+            "refused": self._visit_refused,
+            "identity": self._visit_identity,
+            "scale": self._visit_scale,
+            "shift": self._visit_shift,
+            "sum": self._visit_sum,
+            "concat": self._visit_concat,
+            "layout": self._visit_layout,
+        }
 
     def classify(self, node: torch.fx.Node) -> LinearOp | None:
         if node not in self._rules:
@@ -105,34 +177,91 @@ class LinearFormPass:
             rule = self.classify(node)
             if rule is None:
                 continue
-            form = getattr(self, "_visit_" + rule.kind)(node, rule)
+            form = self._visitors[rule.kind](node, rule)
             if form is not None:
                 self.forms[node] = form
-        self._settle_partial_sums()
         return self
 
     def refuse(self, where: str, reason: str) -> None:
         self.refusals.append(RefusalRecord(where, reason))
 
+    # -- costs -------------------------------------------------------------------------------
+    def op_cost(self, op: AffineConv, source: torch.fx.Node, out_shape, axis: int) -> float:
+        in_elements = math.prod(shape_of(source) or (0,))
+        return self.cost.conv(op, in_elements, positions(out_shape, axis), _itemsize(source))
+
+    def join_cost(self, node: torch.fx.Node) -> float:
+        return self.cost.elementwise(math.prod(shape_of(node)), 2, _itemsize(node))
+
     # -- inputs ------------------------------------------------------------------------------
     def _real_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        return [u for u in node.users if not is_shape_query(u)]
+        return [u for u in node.users if not is_metadata_read(u, node)]
 
-    def absorbable(self, node: torch.fx.Node) -> bool:
-        """Can a consumer fold `node`'s form into its own? Only for a single consumer."""
+    def _reads(self, node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+        """Metadata reads that must be served when `node` disappears: (reader, node read)."""
+        own = [(u, node) for u in node.users if is_metadata_read(u, node)]
+        return own + self.carried_reads.get(node, [])
+
+    def _same_metadata(self, a: torch.fx.Node, b: torch.fx.Node) -> bool:
+        return shape_of(a) == shape_of(b) and dtype_of(a) == dtype_of(b)
+
+    def _carrier_problem(self, node: torch.fx.Node, consumer: torch.fx.Node | None) -> str | None:
+        """Why `node`'s metadata reads could not be served if `consumer` absorbed it, or None."""
+        reads = self._reads(node)
+        if not reads:
+            return None
+        form = self.forms[node]
+        if not form.has_layout and self._same_metadata(form.source, node):
+            return None  # served by the source, which is computed earlier
+        if consumer is None:
+            return "its shape is read and no fused value has the same shape"
+        if self._same_metadata(consumer, node):
+            later = [r for r, _ in reads if self._is_ancestor(r, consumer)]
+            if not later:
+                return None
+            return f"{later[0].name} reads its shape and is needed to compute {consumer.name}"
+        rule = self.classify(consumer)
+        if rule is not None and rule.kind == "layout" and not form.after and all(
+                r.op == "call_method" and r.target in SHAPE_FROM_SECOND and v is node for r, v in reads):
+            return None  # `y.reshape_as(node)` after layout steps: served by the op's output
+        return (f"{reads[0][0].name} reads its shape, and {consumer.name}, which would absorb it, has "
+                "a different shape")
+
+    def _is_ancestor(self, a: torch.fx.Node, b: torch.fx.Node) -> bool:
+        """Is `b` computed from `a`? (Searches forward from `a`, no further than `b`.)"""
+        limit = self._index.get(b, math.inf)
+        seen, stack = set(), [a]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u is b:
+                    return True
+                if u not in seen and self._index.get(u, math.inf) < limit:
+                    seen.add(u)
+                    stack.append(u)
+        return False
+
+    def absorbable(self, node: torch.fx.Node, consumer: torch.fx.Node | None = None) -> bool:
+        """Can `consumer` fold `node`'s form into its own? Only for a single consumer."""
         form = self.forms.get(node)
         if form is None or len(self._real_users(node)) != 1:
             return False
-        if any(is_shape_query(u) for u in node.users):
-            # Shape queries can read the source instead only if it has the same shape.
-            return not form.has_layout and shape_of(form.source) == shape_of(node)
-        return True
+        return self._carrier_problem(node, consumer) is None
 
-    def absorb(self, node: torch.fx.Node) -> None:
+    def absorb(self, node: torch.fx.Node, consumer: torch.fx.Node) -> None:
+        """Fold `node` into `consumer`; its metadata reads go to the source or travel on."""
         self.absorbed.add(node)
-        for user in node.users:
-            if is_shape_query(user):
-                self.rewire[user] = self.forms[node].source
+        reads = self._reads(node)
+        if not reads:
+            return
+        form = self.forms[node]
+        if not form.has_layout and self._same_metadata(form.source, node):
+            for reader, value in reads:
+                self.rewire[reader] = (value, form.source)  # reader -> (node it read, node it reads now)
+        elif self._same_metadata(consumer, node):
+            self.carried_reads.setdefault(consumer, []).extend(reads)
+        else:  # `y.reshape_as(node)` further down a layout chain: `op`'s output must stay node-shaped
+            self.pinned.add(node)
 
     def identity_form(self, node: torch.fx.Node, axis: int) -> Form | None:
         shape = shape_of(node)
@@ -142,16 +271,19 @@ class LinearFormPass:
         op = affine.identity(shape[axis], spatial_dims(len(shape), axis))
         return Form(node, op, axis, axis, len(shape))
 
-    def input_form(self, node: torch.fx.Node, axis: int | None) -> tuple[Form | None, bool]:
+    def input_form(self, node: torch.fx.Node, axis: int | None, consumer: torch.fx.Node) -> tuple[Form | None, bool]:
         """The form to extend for input `node`, and whether it comes from `node`'s own form."""
         shape = shape_of(node)
         if shape is None or len(shape) < 2:
             return None, False
-        if self.absorbable(node):
+        if self.absorbable(node, consumer):
             form = self.forms[node]
             if axis is None or form.axis == axis % len(shape):
                 return form, True
         return self.identity_form(node, 1 if axis is None else axis), False
+
+    def _own_axis(self, node, consumer) -> int | None:
+        return self.forms[node].axis if self.absorbable(node, consumer) else None
 
     # -- unary affine maps -------------------------------------------------------------------
     def _visit_affine(self, node, rule: LinearOp) -> Form | None:
@@ -171,11 +303,11 @@ class LinearFormPass:
 
     def _visit_identity(self, node, rule: LinearOp) -> Form | None:
         x = rule.inputs[0]
-        form, owned = self.input_form(x, None)
+        form, owned = self.input_form(x, None, node)
         if form is None:
             return None
         if owned:
-            self.absorb(x)
+            self.absorb(x, node)
             return replace(form, members=form.members + (rule.member,), origin=None)
         return replace(form, members=(rule.member,))
 
@@ -195,13 +327,15 @@ class LinearFormPass:
         consts = [c for c in (scale, shift) if c is not None]
         axes = {a for c in consts for a in _varying_axes(c, shape)}
         if any(c.dim() > len(shape) for c in consts) or len(axes) > 1:
-            return None  # varies along several axes: not a per-channel map
+            if x in self.forms and len(self._real_users(x)) == 1:  # say why the neighbour stays apart
+                self.refuse(", ".join(self.forms[x].members + (rule.member,)),
+                            "the constant varies along several axes: not a per-channel map")
+            return None
         if axes:
             axis = axes.pop()
-        elif self.absorbable(x):
-            axis = self.forms[x].axis
         else:
-            axis = 1
+            own = self._own_axis(x, node)
+            axis = 1 if own is None else own
         c = shape[axis]
         s = torch.ones(c, dtype=torch.float64) if scale is None else _along(scale, shape, axis)
         b = torch.zeros(c, dtype=torch.float64) if shift is None else _along(shift, shape, axis)
@@ -213,21 +347,26 @@ class LinearFormPass:
         out_shape = shape_of(node)
         if out_shape is None or len(out_shape) != len(shape_of(x)):
             return None
-        npos = positions(out_shape, axis)
-        own_cost = op.cost * npos
-        form, owned = self.input_form(x, axis)
+        own_cost = self.op_cost(op, x, out_shape, axis)
+        own_macs = op.cost * positions(out_shape, axis)
+        form, owned = self.input_form(x, axis, node)
         if form is None:
             return None
         if owned:
-            combined, reason = self._compose(op, form, node, npos)
+            combined, reason = self._compose(op, form, node, own_cost, own_macs)
             if combined is not None:
-                self.absorb(x)
-                return replace(combined, members=form.members + (member,),
-                               parts_cost=form.parts_cost + own_cost, origin=None)
+                self.absorb(x, node)
+                return replace(combined, members=form.members + (member,), parts_cost=form.parts_cost + own_cost,
+                               parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1)
             self.refuse(", ".join(form.members + (member,)), reason)
-        return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, origin=node)
+        elif x in self.forms and len(self._real_users(x)) == 1:
+            problem = self._carrier_problem(x, node)
+            if problem:
+                self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
+        return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
+                    origin=node, n_ops=1)
 
-    def _compose(self, op: AffineConv, form: Form, node, npos: int) -> tuple[Form | None, str]:
+    def _compose(self, op: AffineConv, form: Form, node, own_cost: float, own_macs: int) -> tuple[Form | None, str]:
         if form.after:
             if op.is_per_channel:
                 # A per-channel map commutes with layout steps that keep the channel axis whole.
@@ -243,17 +382,25 @@ class LinearFormPass:
         reason = affine.compose_refusal(op, form.op)
         if reason:
             return None, reason
-        fused_cost = affine.composed_cost(op, form.op) * npos
-        if fused_cost > form.parts_cost + op.cost * npos:
-            return None, (f"not cheaper: one {op.describe()} after {form.op.describe()} would cost "
-                          f"{fused_cost:,} MACs against {form.parts_cost + op.cost * npos:,} for the parts")
         shape = shape_of(node)
         axis = form.axis
+        npos = positions(shape, axis)
+        fused = _geometry_stub(op, form.op)
+        fused_cost = self.op_cost(fused, form.source, shape, axis)
+        fused_macs = fused.cost * npos
+        parts, parts_macs = form.parts_cost + own_cost, form.parts_macs + own_macs
+        figures = (f"{_ns(fused_cost)} and {fused_macs:,} MACs against {_ns(parts)} and {parts_macs:,} MACs "
+                   "for the parts")
+        if _memory_bound([op, form.op]):
+            if fused_cost > parts:
+                return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)"
+        elif fused_macs > parts_macs:
+            return None, f"not cheaper: one {fused.describe()} would need {figures}"
         return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), ""
 
     def _move_after_before(self, form: Form) -> Form | None:
         """Apply `op` after the layout steps instead of before them (pointwise ops only)."""
-        if not form.op.is_pointwise:
+        if not form.op.is_pointwise or form.shape_refs or form.after[0].node.args[0] in self.pinned:
             return None
         same_channels = form.op.in_channels == form.op.out_channels
         if not all(step.agnostic or same_channels for step in form.after):
@@ -265,72 +412,146 @@ class LinearFormPass:
         return replace(form, op=op, op_axis=form.axis, op_ndim=ndim,
                        before=form.before + form.after, after=())
 
-    # -- sums and concatenations -------------------------------------------------------------
+    # -- sums --------------------------------------------------------------------------------
     def _visit_sum(self, node, rule: LinearOp) -> Form | None:
-        a, b = rule.inputs
-        axis = None
-        for x in (a, b):
-            if self.absorbable(x):
-                axis = self.forms[x].axis
-                break
-        fa, own_a = self.input_form(a, axis)
-        fb, own_b = self.input_form(b, axis)
-        if fa is None or fb is None:
+        """Collect the branches of a sum tree; decide once, at its root, how to group them."""
+        axis = next((self.forms[x].axis for x in rule.inputs
+                     if x not in self.sum_terms and self.absorbable(x, node)), None)
+        terms: list[Term] = []
+        members: tuple[str, ...] = ()  # every operation of the tree, in the order written
+        for x, sign in zip(rule.inputs, rule.signs):
+            if x in self.sum_terms and self._single_user(x) is node:
+                inner, inner_members = self.sum_terms.pop(x)
+                terms += [replace(t, sign=t.sign * sign) for t in inner]
+                members += inner_members
+                self.absorbed.add(x)
+                self.carried_reads.setdefault(node, []).extend(self._reads(x))
+            else:
+                form, owned = self.input_form(x, axis, node)
+                terms.append(Term(x, sign, form if form is not None else Form(x, None, 0, 0, 0), owned))
+                members += terms[-1].form.members
+        members += (rule.member,)
+        if self._feeds_a_sum(node):
+            self.sum_terms[node] = (terms, members)
             return None
-        if not _same_space(fa, fb):
-            return None  # different sources: a join of two values, not one map
-        ops = [fa.op, affine.scaled(fb.op, rule.signs[1]) if rule.signs[1] != 1.0 else fb.op]
-        members = fa.members + fb.members + (rule.member,)
-        reason = affine.sum_refusal(ops)
-        if reason:
-            self.refuse(", ".join(members), reason)
-            return None
-        fused = affine.add(ops)
-        parts = fa.parts_cost + fb.parts_cost
-        fused_cost = fused.cost * positions(shape_of(node), fa.axis)
-        if fused_cost > parts:
-            reason = (f"not cheaper: one {fused.describe()} would cost {fused_cost:,} MACs against {parts:,} "
-                      "for the branches")
-            if not self._feeds_a_sum(node):
-                self.refuse(", ".join(members), reason)
-                return None
-            # A partial sum (3x1 + 1x3 before the 3x3 is added) may be dearer than its parts while
-            # the whole sum is not: decide when the sum is complete (see `_settle_partial_sums`).
-            self.over_budget[node] = reason
-        owned = [x for x, own in ((a, own_a), (b, own_b)) if own]
-        for x in owned:
-            self.absorb(x)
-        self.absorbed_inputs[node] = owned
-        return replace(fa, op=fused, members=members, parts_cost=parts, origin=None)
+        return self._settle_sum(node, terms, members)
+
+    def _single_user(self, node):
+        users = self._real_users(node)
+        return users[0] if len(users) == 1 else None
 
     def _feeds_a_sum(self, node) -> bool:
-        users = self._real_users(node)
-        if len(users) != 1:
+        user = self._single_user(node)
+        if user is None or len(user.users) == 0:
             return False
-        rule = self.classify(users[0])
-        return rule is not None and rule.kind == "sum"
+        rule = self.classify(user)
+        return rule is not None and rule.kind == "sum" and self._carrier_problem_sum(node, user) is None
 
-    def _settle_partial_sums(self) -> None:
-        """Undo over-budget sums that were not completed by a cheaper enclosing sum."""
-        pending = [n for n in self.over_budget if n not in self.absorbed]
-        while pending:
-            node = pending.pop()
-            reason = self.over_budget.pop(node, None)
-            if reason is None or node in self.absorbed:
+    def _carrier_problem_sum(self, node, user) -> str | None:
+        reads = [(u, node) for u in node.users if is_metadata_read(u, node)] + self.carried_reads.get(node, [])
+        if not reads:
+            return None
+        return None if self._same_metadata(user, node) and not any(
+            self._is_ancestor(r, user) for r, _ in reads) else "metadata read"
+
+    def _settle_sum(self, node, terms: list[Term], members: tuple[str, ...]) -> Form | None:
+        """Group the branches of a complete sum into the cheapest set of fused operators."""
+        out_shape = shape_of(node)
+        joins = self.join_cost(node)
+        groups: dict[tuple, list[Term]] = {}
+        for t in terms:
+            groups.setdefault(_space_key(t.form), []).append(t)
+        parts: list[SumPart] = []
+        for key, group in groups.items():
+            if key is None or len(group) == 1:
+                parts += [self._as_part(t) for t in group]
                 continue
-            form = self.forms.pop(node)
-            self.refuse(", ".join(form.members), reason)
-            for x in self.absorbed_inputs.get(node, []):
-                self.absorbed.discard(x)
-                for user in x.users:
-                    self.rewire.pop(user, None)
-                if x in self.over_budget:
-                    pending.append(x)
+            ops = [t.form.op if t.sign == 1.0 else affine.scaled(t.form.op, t.sign) for t in group]
+            axis = group[0].form.axis
+            source = group[0].form.source
 
+            npos = positions(out_shape, axis)
+            if _memory_bound(ops):
+                def cost_of(op, source=source, axis=axis):
+                    return self.op_cost(op, source, out_shape, axis)
+                join = joins
+            else:  # compute-bound: multiply-accumulates decide, an add counts one per element
+                def cost_of(op, npos=npos):
+                    return op.cost * npos
+                join = math.prod(out_shape)
+
+            blocks, best = affine.partition_sum(ops, cost_of, join)
+            where = ", ".join(members)
+            if len(blocks) > 1:
+                self.refuse(where, self._partition_reason(ops, blocks, cost_of, join, out_shape, axis))
+            for block in blocks:
+                chosen = [group[i] for i in block]
+                if len(chosen) == 1:
+                    parts.append(self._as_part(chosen[0]))
+                    continue
+                for t in chosen:
+                    if t.owned:
+                        self.absorb(t.node, node)
+                fused = affine.add([ops[i] for i in block])
+                parts_cost = sum(t.form.parts_cost for t in chosen) + joins * (len(chosen) - 1)
+                form = replace(chosen[0].form, op=fused, origin=None, parts_cost=parts_cost,
+                               parts_macs=sum(t.form.parts_macs for t in chosen),
+                               n_ops=sum(t.form.n_ops for t in chosen) + len(chosen) - 1,
+                               members=tuple(m for t in chosen for m in t.form.members))
+                parts.append(SumPart(1.0, form=form))
+        if len(parts) == 1 and parts[0].form is not None:
+            return self._through_shared_source(node, terms, replace(parts[0].form, members=members))
+        if any(p.form is not None for p in parts):
+            self.sum_parts[node] = parts
+        return None
+
+    def _through_shared_source(self, node, terms: list[Term], form: Form) -> Form:
+        """Branches that all read one linear value `s` (`a(s) + b(s)`, RepGhost's `cheap(s) +
+        bn(s)`) merged into one operator: `s` now has that one consumer, so compose with it too."""
+        source = form.source
+        inner = self.forms.get(source)
+        if inner is None or form.has_layout or inner.after or source in self.absorbed:
+            return form
+        ends = {t.node for t in terms if t.owned and t.form.source is source} | {node}
+        for reader in self._real_users(source):
+            while reader not in ends and reader in self.absorbed:  # absorbed nodes have one consumer
+                reader = self._single_user(reader)
+            if reader not in ends:
+                return form  # `source` is read elsewhere too
+        if self._carrier_problem(source, node) is not None:
+            return form
+        shape = shape_of(node)
+        own_cost = self.op_cost(form.op, source, shape, form.axis)
+        own_macs = form.op.cost * positions(shape, form.axis)
+        combined, reason = self._compose(form.op, inner, node, own_cost, own_macs)
+        if combined is None:
+            self.refuse(", ".join(inner.members + form.members), reason)
+            return form
+        self.absorb(source, node)
+        return replace(combined, members=inner.members + form.members, parts_cost=inner.parts_cost + form.parts_cost,
+                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops)
+
+    def _as_part(self, t: Term) -> SumPart:
+        return SumPart(t.sign, node=t.node)
+
+    def _partition_reason(self, ops, blocks, cost_of, join, shape, axis) -> str:
+        merged = [affine.add([ops[i] for i in b]) if len(b) > 1 else ops[b[0]] for b in blocks]
+        kept = " + ".join(op.describe() for op in merged)
+        reason = affine.sum_refusal(ops)
+        if reason:
+            return f"kept as {len(blocks)} operators ({kept}): {reason}"
+        whole = affine.add(ops)
+        npos = positions(shape, axis)
+        best = sum(cost_of(op) for op in merged) + join * (len(merged) - 1)
+        unit = _ns if _memory_bound(ops) else (lambda c: f"{c:,.0f} MACs")
+        return (f"not cheaper as one: {whole.describe()} would cost {unit(cost_of(whole))} against {unit(best)} for "
+                f"{kept} ({whole.cost * npos:,} MACs against {sum(op.cost for op in merged) * npos:,})")
+
+    # -- concatenations ----------------------------------------------------------------------
     def _visit_concat(self, node, rule: LinearOp) -> Form | None:
         shape = shape_of(node)
         axis = rule.axis % len(shape)
-        found = [self.input_form(x, axis) for x in rule.inputs]
+        found = [self.input_form(x, axis, node) for x in rule.inputs]
         forms = [f for f, _ in found]
         if any(f is None for f in forms) or len(set(rule.inputs)) != len(rule.inputs):
             return None
@@ -339,37 +560,84 @@ class LinearFormPass:
         ops = [f.op for f in forms]
         where = ", ".join([m for f in forms for m in f.members] + [rule.member])
         reason = affine.concat_refusal(ops)
-        parts = sum(f.parts_cost for f in forms)
+        parts = sum(f.parts_cost for f in forms) + self.cost.elementwise(math.prod(shape), len(forms),
+                                                                         _itemsize(node))
+        parts_macs = sum(f.parts_macs for f in forms)
         if reason is None:
             fused = affine.concat(ops)
-            fused_cost = fused.cost * positions(shape, axis)
-            if fused_cost > parts:
-                reason = (f"not cheaper: one {fused.describe()} would cost {fused_cost:,} MACs against "
-                          f"{parts:,} for the branches")
+            fused_macs = fused.cost * positions(shape, axis)
+            if fused_macs > parts_macs:
+                reason = (f"not cheaper: one {fused.describe()} would need {fused_macs:,} MACs against "
+                          f"{parts_macs:,} for the branches")
         if reason:
             self.refuse(where, reason)
             return None
         for x, (_, owned) in zip(rule.inputs, found):
             if owned:
-                self.absorb(x)
+                self.absorb(x, node)
         return Form(forms[0].source, fused, axis, axis, len(shape),
-                    members=tuple(m for f in forms for m in f.members) + (rule.member,), parts_cost=parts)
+                    members=tuple(m for f in forms for m in f.members) + (rule.member,), parts_cost=parts,
+                    parts_macs=parts_macs, n_ops=sum(f.n_ops for f in forms) + 1)
 
     # -- layout ------------------------------------------------------------------------------
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:
         x = rule.inputs[0]
-        if not self.absorbable(x):
+        if not self.absorbable(x, node):
             return None
         form = self.forms[x]
         if not form.op.is_pointwise:
             return None
+        refs = form.shape_refs
+        if rule.shape_of is not None:
+            # `x.reshape_as(y)`: served by `op`'s output when `y` is the value the layout steps
+            # began from (its metadata is that of `op`'s output).
+            first = form.after[0].node.args[0] if form.after else None
+            if rule.shape_of is not first or not self._same_metadata(first, rule.shape_of):
+                return None
+            refs = refs + ((node, rule.shape_of),)
         new_axis = channel_axis_after(node, rule.layout, shape_of(x), form.axis)
         if new_axis is None:
             return None
-        self.absorb(x)
+        self.absorb(x, node)
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
-                       origin=None)
+                       origin=None, shape_refs=refs)
+
+
+def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
+    """An operator with the geometry of `after(before(x))` (zero weights), for costing it."""
+    stride, padding, dilation, kernel, groups = affine.composed_geometry(after, before)
+    if after.is_per_channel:
+        return before
+    w = torch.zeros(1, dtype=torch.float64).expand(after.out_channels, before.in_channels // groups, *kernel)
+    return AffineConv(w, torch.zeros(1, dtype=torch.float64).expand(after.out_channels), stride, padding,
+                      dilation, groups)
+
+
+def _memory_bound(ops) -> bool:
+    """Channel-wise operators only (depthwise convs, norms, scales): latency decides, not MACs.
+
+    Such operators move as many bytes as they compute, so fewer, larger kernels win on a CPU
+    (a depthwise 1xk + kx1 pair with its norms and add against one kxk). Anything that mixes
+    channels is compute-bound and judged by multiply-accumulates.
+    """
+    return all(op.groups == op.in_channels == op.out_channels for op in ops)
+
+
+def _ns(cost: float) -> str:
+    return f"{cost / 1000:,.1f} us" if cost >= 1000 else f"{cost:,.0f} ns"
+
+
+def _itemsize(node) -> int:
+    dtype = dtype_of(node)
+    return dtype.itemsize if dtype is not None else 4
+
+
+def _space_key(form: Form):
+    if form.op is None:
+        return None
+    return (form.source, form.axis, form.op_axis, form.op_ndim, tuple(s.node for s in form.before),
+            tuple(s.node for s in form.after))
 
 
 def _same_space(a: Form, b: Form) -> bool:
@@ -442,18 +710,30 @@ def channel_axis_after(node: torch.fx.Node, layout: str, in_shape, axis: int) ->
                 return axis - (end - start)
             return None
         if layout in ("reshape", "squeeze", "unsqueeze"):
-            # Channels stay whole when every dimension before them is unchanged and their size too.
-            if axis >= n_out or in_shape[:axis] != out_shape[:axis] or in_shape[axis] != out_shape[axis]:
-                if layout == "unsqueeze":
-                    d = kw.get("dim", args[0] if args else None) % n_out
-                    if d <= axis and out_shape[axis + 1] == in_shape[axis]:
-                        return axis + 1
-                return None
             if layout == "squeeze" and (not args and "dim" not in kw):
                 return None  # squeeze() of every size-1 axis may drop the channels for other inputs
-            return axis
+            return _whole_axis_after_reshape(in_shape, out_shape, axis)
     except (TypeError, ValueError, IndexError, AttributeError):
         return None
+    return None
+
+
+def _whole_axis_after_reshape(in_shape, out_shape, axis: int) -> int | None:
+    """Where channel axis `axis` lands through a row-major reshape, if it stays whole.
+
+    It stays whole when some output axis has its size and the axes before it hold exactly the
+    elements of the input axes before it (`[B*N, C] -> [B, N, C]`, `[B, C, H, W] -> [B, C, HW]`).
+    The first such axis is taken, so size-1 axes inserted before the channels move it along.
+    """
+    before = math.prod(in_shape[:axis])
+    c = in_shape[axis]
+    product = 1
+    for j, size in enumerate(out_shape):
+        if product == before and size == c and (c != 1 or j == axis):
+            return j
+        product *= size
+        if product > before and before:
+            return None
     return None
 
 

@@ -6,6 +6,8 @@ constants nobody reads any more are dropped from the GraphModule.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch import nn
@@ -15,7 +17,7 @@ from ..affine import AffineConv
 from ..modules import AxisLinear, ChannelAffine
 from ..report import FusedRegion
 from .cleanup import remove_dead_nodes
-from .linear_forms import Form, LinearFormPass
+from .linear_forms import Form, LinearFormPass, SumPart
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -27,14 +29,16 @@ def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) 
     """
     keep_bias = bool(op.bias.any())
     weight, bias = op.weight, op.bias
-    if op.nd >= 1:
-        m = _CONV[op.nd](op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
-                         op.groups, bias=keep_bias, padding_mode=op.padding_mode if op.has_padding else "zeros",
-                         device="meta")
-    elif op.is_per_channel:
+    if op.is_per_channel:
+        # A per-channel map as `x * scale + shift`: a depthwise 1x1 convolution computes the same,
+        # several times slower on CPUs.
         m = ChannelAffine(torch.empty(op.out_channels, device="meta"), torch.empty(op.out_channels, device="meta"),
                           axis, ndim)
         weight, keep_bias = op.weight.reshape(-1), True
+    elif op.nd >= 1:
+        m = _CONV[op.nd](op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
+                         op.groups, bias=keep_bias, padding_mode=op.padding_mode if op.has_padding else "zeros",
+                         device="meta")
     else:
         dense = affine.regrouped(op, 1)
         weight = dense.weight
@@ -58,47 +62,128 @@ def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Grap
     return graph.create_node(step_node.op, step_node.target, args, kwargs)
 
 
-def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device,
-                prefix: str = "") -> list[FusedRegion]:
-    """Rewrite `gm` in place; returns the regions that became new modules."""
-    graph = gm.graph
-    for query, source in forms.rewire.items():
-        query.replace_input_with(query.args[0], source)
-    regions: list[FusedRegion] = []
-    counter = 0
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # materialized node -> the value now standing for it
+def _copy_meta(value: torch.fx.Node, like: torch.fx.Node) -> None:
+    value.meta.update({k: like.meta[k] for k in ("reparam_shape", "tensor_meta") if k in like.meta})
 
-    def current(n: torch.fx.Node) -> torch.fx.Node:
-        return replaced.get(n, n)
 
-    for node in list(graph.nodes):
-        form: Form | None = forms.forms.get(node)
-        if form is None or node in forms.absorbed or not node.users:
-            continue
-        if form.op.is_identity and not form.has_layout:
-            replaced[node] = current(form.source)
-            node.replace_all_uses_with(replaced[node])
-            continue
-        if form.origin is node:
-            continue  # exactly the original operation: keep it as written
-        dtype = dtype_of(node)
-        with graph.inserting_before(node):
-            value = current(form.source)
-            for step in form.before:
-                value = _replay(step.node, value, graph, current)
-            if not form.op.is_identity:
-                name = f"{prefix}fused_{counter}"
-                counter += 1
-                gm.add_submodule(name, to_module(form.op, form.op_axis, form.op_ndim, dtype, device))
-                value = graph.call_module(name, (value,))
-                op_out = form.after[0].node.args[0] if form.after else node
-                value.meta.update({k: op_out.meta[k] for k in ("reparam_shape", "tensor_meta") if k in op_out.meta})
+class _Lowering:
+    def __init__(self, gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device):
+        self.gm, self.forms, self.dtype_of, self.device = gm, forms, dtype_of, device
+        self.graph = gm.graph
+        self.regions: list[FusedRegion] = []
+        self.counter = 0
+        self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # original node -> the value standing for it
+
+    def current(self, n: torch.fx.Node) -> torch.fx.Node:
+        return self.replaced.get(n, n)
+
+    def emit(self, form: Form, node: torch.fx.Node) -> torch.fx.Node:
+        """Nodes computing `form` (inserted at the current point); returns the value node."""
+        graph = self.graph
+        value = self.current(form.source)
+        for step in form.before:
+            value = _replay(step.node, value, graph, self.current)
+        if not form.op.is_identity:
+            name = f"fused_{self.counter}"
+            self.counter += 1
+            self.gm.add_submodule(name, to_module(form.op, form.op_axis, form.op_ndim, self.dtype_of(node),
+                                                  self.device))
+            value = graph.call_module(name, (value,))
+            op_out = form.after[0].node.args[0] if form.after else node
+            _copy_meta(value, op_out)
+            if form.after:
+                self.replaced[op_out] = value  # `reshape_as(op_out)` below reads its shape from here
+            if form.combined:
                 members = tuple(dict.fromkeys(form.members))  # `x + x` lists x's members once
-                regions.append(FusedRegion(name, form.op.describe(), members, current(form.source).name))
-            for step in form.after:
-                value = _replay(step.node, value, graph, current)
-                value.meta.update(step.node.meta)
-        replaced[node] = value
-        node.replace_all_uses_with(value)
-    remove_dead_nodes(gm)
-    return regions
+                self.regions.append(FusedRegion(name, form.op.describe(), members, self.current(form.source).name))
+        for step in form.after:
+            value = _replay(step.node, value, graph, self.current)
+            value.meta.update(step.node.meta)
+        return value
+
+    def emit_sum(self, parts: list[SumPart], node: torch.fx.Node) -> torch.fx.Node:
+        """`sum(sign * part)` for a sum kept as several operators."""
+        values = []
+        for part in parts:
+            v = self.emit(part.form, node) if part.form is not None else self.current(part.node)
+            values.append((v, part.sign))
+        values.sort(key=lambda vs: vs[1] < 0)  # start from a positive term where there is one
+        total, sign = values[0]
+        if sign != 1.0:
+            total = self.graph.call_function(operator.mul, (total, sign))
+            _copy_meta(total, node)
+        for v, s in values[1:]:
+            if s in (1.0, -1.0):
+                total = self.graph.call_function(operator.add if s == 1.0 else operator.sub, (total, v))
+            else:
+                scaled = self.graph.call_function(operator.mul, (v, s))
+                _copy_meta(scaled, node)
+                total = self.graph.call_function(operator.add, (total, scaled))
+            _copy_meta(total, node)
+        return total
+
+    def run(self) -> list[FusedRegion]:
+        forms = self.forms
+        for reader, (old, new) in forms.rewire.items():
+            reader.replace_input_with(old, new)
+        for node in list(self.graph.nodes):
+            parts = forms.sum_parts.get(node)
+            form: Form | None = forms.forms.get(node)
+            if node in forms.absorbed or not node.users or (form is None and parts is None):
+                continue
+            if parts is not None:
+                with self.graph.inserting_before(node):
+                    value = self.emit_sum(parts, node)
+            elif form.op.is_identity and not form.has_layout:
+                value = self.current(form.source)
+            elif form.origin is node:
+                value = node  # exactly the original operation: keep it as written
+            else:
+                with self.graph.inserting_before(node):
+                    value = self.emit(form, node)
+            self.replaced[node] = value
+            self._serve_reads(node, value)
+            if value is not node:
+                node.replace_all_uses_with(value)
+        # Reads of the shape of absorbed values that a lowered value of equal shape now serves.
+        for node in forms.absorbed:
+            for reader in list(node.users):
+                if node in self.replaced and reader.graph is self.graph:
+                    reader.replace_input_with(node, self.replaced[node])
+        remove_dead_nodes(self.gm)
+        return self.regions
+
+    def _serve_reads(self, node: torch.fx.Node, value: torch.fx.Node) -> None:
+        """Metadata reads of nodes folded into `node` now read `value` (same shape), after it."""
+        reads = self.forms.carried_reads.get(node)
+        if not reads:
+            return
+        movers = []
+        for reader, old in reads:
+            reader.replace_input_with(old, value)
+            movers.append(reader)
+        _move_after(movers, value)
+
+
+def _move_after(readers: list[torch.fx.Node], anchor: torch.fx.Node) -> None:
+    """Move `readers`, and whatever depends on them, after `anchor`, keeping their order."""
+    readers = [r for r in readers if r._sort_key < anchor._sort_key]
+    if not readers:
+        return
+    marked = set(readers)
+    to_move = []
+    node = min(readers, key=lambda n: n._sort_key)
+    while node is not anchor and node.op != "root":
+        if node in marked or any(a in marked for a in node.all_input_nodes):
+            marked.add(node)
+            to_move.append(node)
+        node = node.next
+    point = anchor
+    for n in to_move:
+        point.append(n)
+        point = n
+
+
+def lower_forms(gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device) -> list[FusedRegion]:
+    """Rewrite `gm` in place; returns the regions that became new modules."""
+    return _Lowering(gm, forms, dtype_of, device).run()

@@ -10,12 +10,14 @@ description, so the propagation pass sees a single form of each.
     batch_norm      BatchNormNd / F.batch_norm, eval        depthwise 1x1: a = g/sqrt(v+eps), b = beta - m*a
     linear          nn.Linear, F.linear                     1x1 over the last axis
     avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
+    pad             F.pad / ZeroPadNd with zeros            identity 1x1 with that (symmetric) padding
     identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
     scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
     sum             x + y, x - y                            A + B over a common source
     concat          torch.cat(dim=channels)                 outputs stacked
-    layout          flatten, transpose, permute, reshape    moves the channel axis (pointwise only)
+    layout          flatten, transpose, permute, reshape,   moves the channel axis (pointwise only)
+                    view, view_as, reshape_as, unflatten
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ _NEG = {operator.neg, torch.neg, torch.negative}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _LAYOUT_FUNCS = {torch.flatten: "flatten", torch.transpose: "transpose", torch.swapaxes: "transpose",
                  torch.permute: "permute", torch.reshape: "reshape", torch.squeeze: "squeeze",
-                 torch.unsqueeze: "unsqueeze", torch.movedim: "movedim", torch.moveaxis: "movedim"}
+                 torch.unsqueeze: "unsqueeze", torch.movedim: "movedim", torch.moveaxis: "movedim",
+                 torch.unflatten: "reshape"}
 _LAYOUT_METHODS = {"flatten": "flatten", "transpose": "transpose", "swapaxes": "transpose",
                    "permute": "permute", "reshape": "reshape", "view": "reshape", "squeeze": "squeeze",
-                   "unsqueeze": "unsqueeze", "movedim": "movedim", "moveaxis": "movedim"}
+                   "unsqueeze": "unsqueeze", "movedim": "movedim", "moveaxis": "movedim", "unflatten": "reshape"}
 _METHOD_ARITH = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg",
                  "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "div",
                  "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
@@ -88,6 +91,7 @@ class LinearOp:
     shift: torch.Tensor | None = None
     sign: float = 1.0
     layout: str = ""
+    shape_of: torch.fx.Node | None = None  # layout: the tensor whose shape `reshape_as` copies
     reason: str = ""
     member: str = ""  # name of the operation for the report
 
@@ -173,6 +177,13 @@ class Classifier:
             return LinearOp("identity", [x], member=name)
         if isinstance(m, nn.Flatten):
             return LinearOp("layout", [x], layout="flatten", member=name)
+        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                          nn.ConstantPad3d)):
+            if m.value != 0:
+                return None
+            return self._pad(x, list(m.padding), "constant", 0, name)
+        if isinstance(m, nn.Unflatten):
+            return LinearOp("layout", [x], layout="reshape", member=name)
         return None
 
     # -- functions ---------------------------------------------------------------------------
@@ -218,6 +229,9 @@ class Classifier:
             return self._pool(a["input"], _POOL_FUNCS[t], a.get("kernel_size"), a.get("stride"),
                               a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True),
                               a.get("divisor_override"), node.name)
+        if t in (F.pad, torch.constant_pad_nd):
+            a = bind(node, ("input", "pad", "mode", "value"))
+            return self._pad(a.get("input"), a.get("pad"), a.get("mode", "constant"), a.get("value", 0), node.name)
         if t in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
             a = bind(node, _DROPOUT_ARGS)
             if a.get("training", True) is False and _tensor_input(a.get("input")):
@@ -259,6 +273,9 @@ class Classifier:
             return LinearOp("identity", [x], member=node.name)
         if name in _LAYOUT_METHODS:
             return LinearOp("layout", [x], layout=_LAYOUT_METHODS[name], member=node.name)
+        if name in ("reshape_as", "view_as") and len(node.args) == 2 and _tensor_input(node.args[1]) \
+                and not node.kwargs:
+            return LinearOp("layout", [x], layout="reshape", shape_of=node.args[1], member=node.name)
         kind = _METHOD_ARITH.get(name)
         if kind is None:
             return None
@@ -295,6 +312,26 @@ class Classifier:
                 padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k))
         op = affine.from_conv(weight, bias, stride, padding, dilation, groups, padding_mode)
         return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _pad(self, x, pad, mode, value, name) -> LinearOp | None:
+        """Zero padding of the spatial axes, the same on both sides: an identity conv with padding."""
+        shape = shape_of(x)
+        if not _tensor_input(x) or not isinstance(pad, (list, tuple)) or shape is None or len(shape) < 3:
+            return None
+        if mode != "constant" or value not in (0, 0.0, None):
+            return None
+        if not all(isinstance(p, int) for p in pad) or len(pad) % 2 or len(pad) // 2 > len(shape) - 2:
+            return None
+        nd = len(shape) - 2
+        per_axis = [0] * nd
+        for i in range(len(pad) // 2):  # pad lists the last axis first
+            left, right = pad[2 * i], pad[2 * i + 1]
+            if left != right or left < 0:
+                return LinearOp("refused", [x], reason="F.pad pads the two sides of an axis differently (or "
+                                                         "crops): not a symmetric convolution padding",
+                                member=name)
+            per_axis[nd - 1 - i] = left
+        return LinearOp("affine", [x], op=affine.zero_pad(shape[1], per_axis, nd), axis=1, member=name)
 
     def _pool(self, x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor, name):
         if ceil_mode:

@@ -27,6 +27,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 import reparam
+from reparam.modules import ChannelAffine
 from reparam import affine
 
 from . import strategies as S
@@ -76,6 +77,8 @@ def count(gm, types) -> int:
     n = sum(isinstance(m, types) for _, m in called_modules(gm))
     if types is S.CONV_TYPES:
         n += sum(node.op == "call_function" and node.target in FCONVS for node in gm.graph.nodes)
+        # A per-channel map is lowered as a channel affine (a depthwise 1x1 conv, written x * a + b).
+        n += sum(isinstance(m, ChannelAffine) for _, m in called_modules(gm))
     return n
 
 
@@ -88,6 +91,9 @@ def conv_geometries(gm) -> list[tuple]:
             if isinstance(m, S.CONV_TYPES):
                 out.append((m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
                             tuple(m.dilation), m.groups))
+            elif isinstance(m, ChannelAffine):
+                c, ones = m.scale.numel(), (1,) * (m.scale.dim() - 2)
+                out.append((c, c, ones, ones, ones, c))
         elif node.op == "call_function" and node.target in FCONVS:
             w = node.args[1]
             shape = tuple(gm.get_parameter(w.target).shape) if w.op == "get_attr" else None
