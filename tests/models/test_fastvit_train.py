@@ -94,8 +94,12 @@ def test_trained_then_fused():
     assert sum(isinstance(m, nn.Conv2d) for m in called) == expected_fused_convs(model)
     ffns = sum(isinstance(m, blocks.ConvMlp) for m in model.modules())
     assert len(fused.report.regions) >= 40
-    # the only refusals: each ConvFFN's depthwise 7x7 stays apart from its fc1 (cheaper apart)
-    assert len(fused.report.refusals) == ffns and all("not cheaper" in r.reason for r in fused.report.refusals)
+    # the only refusals: each ConvFFN's depthwise 7x7 stays apart from its fc1, and each patch
+    # embedding's grouped 7x7 from the 1x1 block after it (both cheaper apart)
+    embeds = len(model.stages) - 1
+    assert len(fused.report.refusals) == ffns + embeds
+    assert all("not cheaper" in r.reason for r in fused.report.refusals)
+    assert sum(".mlp." in r.where for r in fused.report.refusals) == ffns
 
     # numbers: against the trained model itself, on the example and on another input
     scale = expected.abs().max().item()
