@@ -18,12 +18,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import InputError, TraceFailure
+from .errors import InputError, TraceFailure, first_line
 from .measure import count_macs, count_params, counts
+from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import dtype_of, fold_constants, propagate_shapes, trace
+from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
 from .verify import check
 
 
@@ -48,13 +49,13 @@ def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | 
     inputs = _check_inputs(example_input, name)
     with _gc_paused(), torch.no_grad():
         work = _private_copy(model, name)
-        reference = _run_reference(work, inputs, name) if verify else None
+        reference = _run_reference(work, _cloned(inputs), name) if verify else None
         start = time.perf_counter()
         fused, report = _fuse_module(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
         report.after = Counts(len(fused.graph.nodes), count_params(fused), count_macs(fused))
         if verify:
-            output = fused(*inputs)
+            output = fused(*_cloned(inputs))
             result = check(reference, output, name, rtol, atol)
             report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
     fused.report = report
@@ -142,12 +143,13 @@ def _run_reference(work: nn.Module, inputs, name: str):
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"{name} rejected example_input ({shapes}): {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from exc
+                         f"{first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+def _cloned(inputs: tuple) -> tuple:
+    """Copies of the example inputs: a model may update its input in place, and the caller's
+    tensors must stay as they were (and every run must see the same values)."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,18 +160,19 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules."""
     gm, failed = trace(module)
     try:
-        _, leaf_inputs = propagate_shapes(gm, inputs, set(failed))
+        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed))
     except Exception as exc:
         _run_reference(module, inputs, name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
-                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                           f"{type(exc).__name__}: {first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
+    kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
-    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason) for r in forms.refusals]
+    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason) for r in kept + forms.refusals]
     for node, (args, kwargs) in leaf_inputs.items():
         leaf_module = gm.get_submodule(node.target)
         regions = _fuse_inside(leaf_module, args, kwargs, f"{prefix}{node.target}.", report)

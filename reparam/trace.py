@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .errors import TraceFailure
+from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 
 
@@ -46,7 +46,7 @@ class _FallbackTracer(torch.fx.Tracer):
             if calls is not None:
                 self.num_calls.clear()
                 self.num_calls.update(calls)
-            self.failed_leaves[qualname] = f"{type(exc).__name__}: {_first_line(exc)}"
+            self.failed_leaves[qualname] = f"{type(exc).__name__}: {first_line(exc)}"
             return super().call_module(m, forward, args, kwargs)
 
 
@@ -58,11 +58,6 @@ def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.No
     return nodes
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
     tracer = _FallbackTracer()
@@ -71,7 +66,7 @@ def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
         graph = tracer.trace(model)
     except Exception as exc:
         raise TraceFailure(
-            f"cannot trace {name}.forward with torch.fx: {type(exc).__name__}: {_first_line(exc)}. "
+            f"cannot trace {name}.forward with torch.fx: {type(exc).__name__}: {first_line(exc)}. "
             "reparam needs the model's own forward to be traceable (no Python control flow on tensor "
             "values); submodules that cannot be traced are kept whole automatically."
         ) from exc
@@ -108,12 +103,19 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
     OREPA-style weight generators) is a constant. It is evaluated twice: in float64 from the
     original parameters for the algebra, and in the model's own dtype for the graph.
     """
+    from .passes.functionalize import updates_in_place, values_updated_in_place
+
+    # A value some node updates in place is not a constant (and folding the update would apply it
+    # once, to a stored copy, instead of on every call).
+    updated = values_updated_in_place(gm, is_shape_query)
     consts = Constants()
     env: dict[torch.fx.Node, object] = {}
     env64: dict[torch.fx.Node, object] = {}
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "get_attr":
+            if node in updated:
+                continue
             value = _fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 env[node] = value.detach()
@@ -124,6 +126,8 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
             continue
         inputs = node.all_input_nodes
         if not inputs or any(n not in env for n in inputs) or node.target in _RANDOM:
+            continue
+        if node in updated or updates_in_place(gm, node):
             continue
         if node.op == "call_method" and node.target in ("dropout", "bernoulli_", "normal_", "uniform_"):
             continue
