@@ -51,9 +51,8 @@ def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | 
         work = _private_copy(model, name)
         reference = _run_reference(work, _cloned(inputs), name) if verify else None
         start = time.perf_counter()
-        fused, report = _fuse_module(work, inputs, name)
+        fused, report = _fuse_top(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
-        report.after = Counts(len(fused.graph.nodes), count_params(fused), count_macs(fused))
         if verify:
             output = fused(*_cloned(inputs))
             result = check(reference, output, name, rtol, atol)
@@ -156,70 +155,172 @@ def _cloned(inputs: tuple) -> tuple:
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Report]:
+    """Fuse the model; when its own forward cannot be traced, fuse inside its submodules."""
+    try:
+        return _fuse_module(work, inputs, name)
+    except TraceFailure as exc:
+        failure = exc
+    report = Report(model=name)
+    inside = _fuse_inside(work, inputs, {}, "", report, totals=True)
+    if inside is None:
+        raise TraceFailure(f"{failure}; none of its submodules can be traced either, so there is nothing "
+                           "reparam can fuse (Python control flow on tensor values must be inside "
+                           "submodules for their neighbours to be fused)", failure.reason) from failure
+    report.leaves.insert(0, Leaf(f"{name} (the model itself)", f"{failure.reason}; its submodules were "
+                                 "fused separately", inside))
+    params = count_params(work)
+    if report.before is not None:  # parameters of the whole model, not only of the traced parts
+        untraced = params - report.after.params
+        report.before = Counts(report.before.nodes, report.before.params + untraced, report.before.macs)
+        report.after = Counts(report.after.nodes, params, report.after.macs)
+    work.eval()
+    return work, report
+
+
 def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") -> tuple[torch.fx.GraphModule, Report]:
-    """Fuse a traceable module in place of its graph; recurses into untraceable submodules."""
+    """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
+
+    Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     gm, failed = trace(module)
     try:
         _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed))
     except Exception as exc:
-        _run_reference(module, inputs, name)  # raises the clear error if the input is at fault
+        _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
                            f"{type(exc).__name__}: {first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
+    referenced = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
-    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason) for r in kept + forms.refusals]
-    for node, (args, kwargs) in leaf_inputs.items():
-        leaf_module = gm.get_submodule(node.target)
-        regions = _fuse_inside(leaf_module, args, kwargs, f"{prefix}{node.target}.", report)
-        report.leaves.append(Leaf(f"{prefix}{node.target}", failed[node.target], regions))
+    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
+                       for r in [*kept, *consts.unfolded, *forms.refusals]]
+    sites: dict[str, list] = {}
+    for node, call in leaf_inputs.items():
+        sites.setdefault(node.target, []).append(call)
+    for target, calls in sites.items():
+        # Fusion is exact for every input, so one call's inputs serve all call sites.
+        args, kwargs = calls[0]
+        regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
+        reason = failed[target] + (f" (called at {len(calls)} places)" if len(calls) > 1 else "")
+        report.leaves.append(Leaf(f"{prefix}{target}", reason, regions))
     for qualname, reason in failed.items():  # leaves never reached on the example input
-        if not any(leaf.module == f"{prefix}{qualname}" for leaf in report.leaves):
-            report.leaves.append(Leaf(f"{prefix}{qualname}", reason, 0))
+        if qualname not in sites:
+            report.leaves.append(Leaf(f"{prefix}{qualname}", reason + " (not called on the example input)", 0))
     gm.graph.lint()
     # A fresh GraphModule holds only what the rewritten graph still uses.
     fused = torch.fx.GraphModule(gm, gm.graph, class_name=name)
     fused.eval()
+    report.after = Counts(len(fused.graph.nodes), count_params(fused), count_macs(fused))
+    fused.meta["reparam_referenced"] = referenced
     return fused, report
 
 
-def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report) -> int:
-    """Fuse each direct child of an untraceable module separately; returns regions fused."""
+def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report,
+                 totals: bool = False) -> int | None:
+    """Fuse each direct child of an untraceable module separately, in place.
+
+    Returns the number of regions fused, or None when no submodule with parameters or buffers, at any
+    depth, could be traced.
+    Whatever could not be done is added to `report` with its reason. `totals`: add the children's
+    counts to `report.before`/`after` (for a model whose own forward is not traceable)."""
     calls: dict[str, list] = {}
 
     def record(child_name, _module, c_args, c_kwargs):
-        calls.setdefault(child_name, []).append((c_args, c_kwargs))
+        calls.setdefault(child_name, []).append((_cloned(c_args), c_kwargs))
 
+    where = prefix[:-1] or type(module).__name__
     handles = [child.register_forward_pre_hook(partial(record, child_name), with_kwargs=True)
                for child_name, child in module.named_children()]
     try:
-        module(*args, **kwargs)
-    except Exception:
+        module(*_cloned(args), **kwargs)
+    except Exception as exc:
+        report.refusals.append(Refusal(where, f"not fused inside: running it to find the inputs of its "
+                                              f"submodules failed: {type(exc).__name__}: {first_line(exc)}"))
         return 0
     finally:
         for h in handles:
             h.remove()
-    fused = 0
+    fused, traced = 0, False
     for child_name, child in list(module.named_children()):
-        seen = calls.get(child_name, [])
-        if len(seen) != 1 or seen[0][1] or not all(isinstance(a, torch.Tensor) for a in seen[0][0]):
-            continue  # called several times or with non-tensor arguments: leave it
-        c_args = seen[0][0]
-        try:
-            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, f"{prefix}{child_name}.")
-        except TraceFailure:
-            fused += _fuse_inside(child, c_args, {}, f"{prefix}{child_name}.", report)
+        seen = calls.get(child_name)
+        if not seen:
+            continue  # not called on the example input: nothing to learn its inputs from
+        c_args, c_kwargs = seen[0]
+        child_prefix = f"{prefix}{child_name}."
+        if c_kwargs or not c_args or not all(isinstance(a, torch.Tensor) for a in c_args):
+            report.refusals.append(Refusal(child_prefix[:-1], "not fused: called with keyword or non-tensor "
+                                           "arguments, which reparam cannot trace it with"))
             continue
+        try:
+            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix)
+        except TraceFailure:
+            inside = _fuse_inside(child, c_args, {}, child_prefix, report, totals)
+            if inside is not None:
+                traced = True
+                report.leaves.append(Leaf(child_prefix[:-1], "its forward cannot be traced", inside))
+                fused += inside
+            continue
+        except Exception as exc:
+            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: fusing it failed with "
+                                           f"{type(exc).__name__}: {first_line(exc)}"))
+            continue
+        # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
+        traced = traced or _has_state(child)
         if inner.regions:
-            setattr(module, child_name, child_gm)
+            setattr(module, child_name, _with_interface_of(child, child_gm))
             report.regions.extend(inner.regions)
             fused += len(inner.regions)
         report.refusals.extend(inner.refusals)
         report.leaves.extend(inner.leaves)
+        if totals:
+            _add_counts(report, inner)
+    return fused if traced else None
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None
+
+
+def _add_counts(report: Report, inner: Report) -> None:
+    """Totals over the submodules fused separately (when the model itself is not traceable)."""
+    for attr in ("before", "after"):
+        a, b = getattr(report, attr), getattr(inner, attr)
+        if b is not None:
+            setattr(report, attr, b if a is None else Counts(a.nodes + b.nodes, a.params + b.params, a.macs + b.macs))
+
+
+def _with_interface_of(original: nn.Module, fused: torch.fx.GraphModule) -> nn.Module:
+    """`fused`, answering like `original` to whatever the caller's untraceable forward reads from it.
+
+    The caller may read plain attributes (`self.attn.resolution`), buffers, caches and methods of
+    the submodule it calls. `fused` takes the original's class as a base (for its methods and
+    properties), its plain attributes and buffers, and the parameters and submodules its own
+    forward never used; parameters folded into fused weights are not kept."""
+    referenced = fused.meta.pop("reparam_referenced", set())
+    cls = type(original)
+    try:
+        fused.__class__ = type(cls.__name__, (type(fused), cls), {"__module__": cls.__module__})
+    except TypeError:
+        pass  # an incompatible class layout: attributes and buffers are still carried over
+    for key, value in original.__dict__.items():
+        if key not in fused.__dict__:
+            fused.__dict__[key] = value
+    for name, buf in original._buffers.items():
+        if buf is not None and name not in fused._buffers and not hasattr(fused, name):
+            fused.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+    for name, param in original._parameters.items():
+        if param is not None and name not in referenced and not hasattr(fused, name):
+            fused.register_parameter(name, param)
+    for name, sub in original._modules.items():
+        used = any(t == name or t.startswith(name + ".") for t in referenced)
+        if sub is not None and not used and not hasattr(fused, name):
+            fused.add_module(name, sub)
+    fused.train(original.training)
     return fused
 
 

@@ -35,7 +35,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .cleanup import is_in_place
+from .cleanup import _IN_PLACE_FUNCS
 
 # In-place spellings and the out-of-place op with the same arguments.
 _FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -98,7 +98,7 @@ def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> set[t
     updated = set()
     for node in gm.graph.nodes:
         aliases.add(node)
-        if updates_in_place(gm, node) and isinstance(node.args[0], torch.fx.Node):
+        if updates_in_place(gm, node, aliases.modules) and isinstance(node.args[0], torch.fx.Node):
             updated.add(aliases.find(node))
     return {n for n in gm.graph.nodes if n in aliases.parent and aliases.find(n) in updated}
 
@@ -109,6 +109,7 @@ class _Aliases:
     def __init__(self, gm: torch.fx.GraphModule, is_metadata_read):
         self.gm = gm
         self.is_metadata_read = is_metadata_read
+        self.modules = dict(gm.named_modules())
         self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
         self.members: dict[torch.fx.Node, list[torch.fx.Node]] = {}
 
@@ -137,7 +138,7 @@ class _Aliases:
             fresh = self._allocates(node)
         if fresh:
             return
-        if updates_in_place(self.gm, node):  # the result is the updated value itself
+        if updates_in_place(self.gm, node, self.modules):  # the result is the updated value itself
             if isinstance(node.args[0], torch.fx.Node) and node.args[0] in self.parent:
                 self.union(node, node.args[0])
             return
@@ -151,14 +152,14 @@ class _Aliases:
     def _allocates(self, node: torch.fx.Node) -> bool:
         if node.op in ("placeholder", "get_attr", "output") or self.is_metadata_read(node):
             return True
-        if updates_in_place(self.gm, node):
+        if updates_in_place(self.gm, node, self.modules):
             return False
         if node.op == "call_function":
             return node.target in _ALLOCATING_FUNCTIONS
         if node.op == "call_method":
             return node.target in _ALLOCATING_METHODS
         if node.op == "call_module":
-            return isinstance(self.gm.get_submodule(node.target), _ALLOCATING_MODULES)
+            return isinstance(self.modules[node.target], _ALLOCATING_MODULES)
         return False
 
 
@@ -168,18 +169,18 @@ class _Functionalizer:
         self.graph = gm.graph
         self.is_metadata_read = is_metadata_read
         self.aliases = _Aliases(gm, is_metadata_read)
+        self.modules = self.aliases.modules
         self.position: dict[torch.fx.Node, int] = {}
         self.kept: list[KeptInPlace] = []
         self._module_sites: dict[str, int] = {}
-        self.changed = False
 
     def run(self) -> list[KeptInPlace]:
         for i, node in enumerate(self.graph.nodes):
             self.position[node] = i
-            if node.op == "call_module" and updates_in_place(self.gm, node):
+            if node.op == "call_module" and updates_in_place(self.gm, node, self.modules):
                 self._module_sites[node.target] = self._module_sites.get(node.target, 0) + 1
         for node in list(self.graph.nodes):
-            if not updates_in_place(self.gm, node) or not isinstance(node.args[0], torch.fx.Node) \
+            if not updates_in_place(self.gm, node, self.modules) or not isinstance(node.args[0], torch.fx.Node) \
                     or "reparam_shape" not in node.args[0].meta:
                 self.aliases.add(node)
                 continue
@@ -189,8 +190,6 @@ class _Functionalizer:
             if reason is not None:
                 self.aliases.add(node)
                 self.kept.append(KeptInPlace(_where(node), reason))
-        if self.changed:
-            self.gm.recompile()
         return self.kept
 
     # -- check ---------------------------------------------------------------------------------
@@ -245,7 +244,6 @@ class _Functionalizer:
                 replacement = self.graph.create_node(op, fn, args, kwargs, name=_fresh_name(node))
             replacement.meta = dict(node.meta)
             self.position[replacement] = self.position[node]
-        self.changed = True
         here = self.position[node]
         for user in list(target.users):
             if user is not node and user is not replacement and self.position.get(user, -1) > here:
@@ -253,11 +251,11 @@ class _Functionalizer:
         if replacement is not node:
             node.replace_all_uses_with(replacement)
             self.graph.erase_node(node)
-        self.aliases.add(replacement, fresh=_result_allocates(replacement, self.gm))
+        self.aliases.add(replacement, fresh=_result_allocates(replacement, self.modules))
         return None
 
     def _out_of_place_module(self, node: torch.fx.Node) -> torch.fx.Node:
-        module = self.gm.get_submodule(node.target)
+        module = self.modules[node.target]
         if self._module_sites.get(node.target, 0) > 1:  # shared module: a copy for this call only
             module = copy.copy(module)
             module.inplace = False
@@ -268,27 +266,36 @@ class _Functionalizer:
                 i += 1
                 name = f"{leaf}_out_of_place_{i}"
             parent.add_module(name, module)
+            self.modules[f"{owner}.{name}" if owner else name] = module
             node.target = f"{owner}.{name}" if owner else name
         else:
             module.inplace = False
         return node
 
 
-def updates_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Does `node` overwrite its first argument (any spelling, `inplace` passed by position too)?"""
+def updates_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node, modules: dict | None = None) -> bool:
+    """Does `node` overwrite its first argument (any spelling, `inplace` passed by position too)?
+
+    `modules`: `dict(gm.named_modules())`, to save a look-up per call on large graphs."""
     if not node.args:
         return False
-    if is_in_place(gm, node) or (node.op == "call_function" and node.target in _FUNCTIONS):
-        return True
-    if node.op == "call_function" and callable(node.target):
+    if node.op == "call_function":
+        if node.target in _FUNCTIONS or node.target in _IN_PLACE_FUNCS or node.kwargs.get("inplace") is True:
+            return True
         i = _inplace_position(node.target)
         return i is not None and i < len(node.args) and node.args[i] is True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_module":
+        module = modules[node.target] if modules is not None else gm.get_submodule(node.target)
+        return getattr(module, "inplace", False) is True
     return False
 
 
-def _result_allocates(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+def _result_allocates(node: torch.fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _ALLOCATING_MODULES)
+        return isinstance(modules[node.target], _ALLOCATING_MODULES)
     if node.op == "call_method":
         return node.target in _ALLOCATING_METHODS
     return node.target in _ALLOCATING_FUNCTIONS
