@@ -17,54 +17,123 @@ from functools import partial
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from .errors import InputError, TraceFailure, first_line
+from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_macs, count_params, counts
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
 from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
-from .verify import check
+from .verify import check, compare
 
 
-def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | None = None,
+def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
          atol: float | None = None) -> torch.fx.GraphModule:
     """Return the inference form of `model`: every exactly fusible linear structure in one conv.
 
     Args:
         model: any `nn.Module` in its training form. It is never modified.
         example_input: a tensor, or a tuple of tensors, that `model` accepts. Used for tracing
-            shapes, cost decisions, the report's counts, and verification.
-        verify: run the original (in eval mode) and the fused module on `example_input` and raise
-            `VerificationError` if they disagree beyond the tolerance.
+            shapes, cost decisions, the report's counts, and verification. It is never modified
+            (every run reads a copy, so a model that updates its input in place is fine).
+        verify: how to check the fused model on `example_input`; `VerificationError` if it fails.
+            - True (default): run the original (in eval mode) and the fused module in the model's
+              own dtype and compare. When they disagree, both are also compared in float64: if
+              they agree there, the fusion is exact and the model itself amplifies float32
+              rounding, and the error says so (with |original32 - original64| and
+              |fused64 - original64|) instead of reporting a bug.
+            - "float64": check the algebra only: a float64 copy of the original and of the
+              fused model (fused again from float64 weights) must agree to float64 rounding.
+              For models that are too sensitive to float32 rounding to be compared in float32.
+            - False: no check.
         rtol, atol: the allowed difference is `atol + rtol * max|original output|` per output
-            tensor; defaults depend on the dtype (see `reparam.verify.DEFAULT_TOLERANCES`).
+            tensor; defaults depend on the dtype (see `reparam.verify.DEFAULT_TOLERANCES`). They
+            apply to the check in the model's dtype; the float64 check uses the float64 defaults.
 
     Returns:
         A `torch.fx.GraphModule` in eval mode, on the model's device and in its dtype, with the
-        fusion report as its `.report` attribute.
+        fusion report as its `.report` attribute. When the model's own `forward` cannot be traced,
+        its submodules are fused separately and the result is a private copy of the model itself
+        (same class, fused submodules), with the same `.report` (its first leaf says why).
     """
     name = _check_model(model)
     inputs = _check_inputs(example_input, name)
+    if verify not in (True, False, "float64"):
+        raise InputError(f"verify must be True, False or \"float64\", got {verify!r}")
     with _gc_paused(), torch.no_grad():
         work = _private_copy(model, name)
-        reference = _run_reference(work, _cloned(inputs), name) if verify else None
+        reference = _run_reference(work, _cloned(inputs), name) if verify is True else None
         start = time.perf_counter()
         fused, report = _fuse_top(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
-        if verify:
+        if verify is True:
             output = fused(*_cloned(inputs))
-            result = check(reference, output, name, rtol, atol)
+            result = compare(reference, output, rtol, atol)
+            if not result.ok:
+                _explain_failure(model, inputs, name, reference, output, rtol, atol)
+            report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
+        elif verify == "float64":
+            _, _, result = _compare_in_float64(model, inputs, name)
+            if not result.ok:
+                raise VerificationError(
+                    f"fused {name} disagrees with the original in float64 on the example input: max "
+                    f"|difference| {result.max_abs_diff:.3g} at {result.where}, allowed {result.allowed:.3g}. "
+                    "This is a bug in reparam (please report it with the model); pass verify=False to "
+                    "get the fused model anyway.", result.max_abs_diff, result.allowed)
             report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
     fused.report = report
     return fused
 
 
-def explain(model: nn.Module, example_input, *, verify: bool = True, rtol: float | None = None,
+def explain(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
             atol: float | None = None) -> Report:
-    """The report `fuse` would attach, without keeping the fused model. `print()` it for a table."""
+    """The report `fuse` would attach, without keeping the fused model. `print()` it for a table.
+
+    `verify`, `rtol`, `atol`: as for `fuse` (True, "float64" or False)."""
     return fuse(model, example_input, verify=verify, rtol=rtol, atol=atol).report
+
+
+# --------------------------------------------------------------------------------------------
+# Verification: a bug or the model's own sensitivity to rounding?
+# --------------------------------------------------------------------------------------------
+
+def _compare_in_float64(model: nn.Module, inputs: tuple, name: str):
+    """Original and fused, both in float64 (fused again from float64 copies of the weights).
+
+    Returns (original output, fused output, comparison at the float64 tolerance)."""
+    work64 = _private_copy(model, name).double()
+    inputs64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    reference64 = _run_reference(work64, _cloned(inputs64), name)
+    fused64, _ = _fuse_top(work64, inputs64, name)
+    output64 = fused64(*_cloned(inputs64))
+    return reference64, output64, compare(reference64, output64)
+
+
+def _explain_failure(model, inputs, name, reference, output, rtol, atol):
+    """Raise the right VerificationError for a failed check in the model's dtype."""
+    try:
+        reference64, _, exact = _compare_in_float64(model, inputs, name)
+    except Exception:  # the model does not run in float64: say what we know
+        exact = None
+    if exact is not None and exact.ok:
+        result = compare(reference, output, rtol, atol)
+        own = compare(reference64, _as_float64(reference))
+        fused = compare(reference64, _as_float64(output))
+        raise VerificationError(
+            f"fused {name} differs from the original by {result.max_abs_diff:.3g} at {result.where} on the "
+            f"example input (allowed {result.allowed:.3g}), but the fusion is exact: in float64 they agree "
+            f"to {exact.max_abs_diff:.3g} (allowed {exact.allowed:.3g}). The model itself is sensitive to "
+            f"rounding: |original - original in float64| = {own.max_abs_diff:.3g} and |fused - original "
+            f"in float64| = {fused.max_abs_diff:.3g}. Pass verify=\"float64\" to check the fusion in "
+            "float64 only, rtol/atol to accept this much rounding, or verify=False.",
+            result.max_abs_diff, result.allowed)
+    check(reference, output, name, rtol, atol)  # raises: the fused model is wrong
+
+
+def _as_float64(value):
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
 
 
 # --------------------------------------------------------------------------------------------
