@@ -291,12 +291,13 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
 
 def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report,
                  totals: bool = False) -> int | None:
-    """Fuse each direct child of an untraceable module separately, in place.
+    """Fuse the submodules an untraceable module calls, each separately, in place.
 
-    Returns the number of regions fused, or None when no submodule with parameters or buffers, at any
-    depth, could be traced.
-    Whatever could not be done is added to `report` with its reason. `totals`: add the children's
-    counts to `report.before`/`after` (for a model whose own forward is not traceable)."""
+    The submodules fused are the outermost ones called by `module.forward` (the elements of a
+    ModuleList it loops over, say). Returns the number of regions fused, or None when no submodule
+    with parameters or buffers, at any depth, could be traced. Whatever could not be done is added
+    to `report` with its reason. `totals`: add the submodules' counts to `report.before`/`after`
+    (for a model whose own forward is not traceable)."""
     calls: dict[str, list] = {}
 
     def record(child_name, _module, c_args, c_kwargs):
@@ -304,7 +305,7 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
 
     where = prefix[:-1] or type(module).__name__
     handles = [child.register_forward_pre_hook(partial(record, child_name), with_kwargs=True)
-               for child_name, child in module.named_children()]
+               for child_name, child in module.named_modules() if child_name]
     try:
         module(*_cloned(args), **kwargs)
     except Exception as exc:
@@ -315,11 +316,9 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
         for h in handles:
             h.remove()
     fused, traced = 0, False
-    for child_name, child in list(module.named_children()):
-        seen = calls.get(child_name)
-        if not seen:
-            continue  # not called on the example input: nothing to learn its inputs from
-        c_args, c_kwargs = seen[0]
+    for child_name in _outermost(calls):
+        child = module.get_submodule(child_name)
+        c_args, c_kwargs = calls[child_name][0]
         child_prefix = f"{prefix}{child_name}."
         if c_kwargs or not c_args or not all(isinstance(a, torch.Tensor) for a in c_args):
             report.refusals.append(Refusal(child_prefix[:-1], "not fused: called with keyword or non-tensor "
@@ -341,7 +340,8 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
         # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
         traced = traced or _has_state(child)
         if inner.regions:
-            setattr(module, child_name, _with_interface_of(child, child_gm))
+            owner, _, attr = child_name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, _with_interface_of(child, child_gm))
             report.regions.extend(inner.regions)
             fused += len(inner.regions)
         report.refusals.extend(inner.refusals)
@@ -349,6 +349,17 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
         if totals:
             _add_counts(report, inner)
     return fused if traced else None
+
+
+def _outermost(names) -> list[str]:
+    """The names not inside another of `names` (`blocks.0`, not `blocks.0.conv`), in order."""
+    chosen = set(names)
+
+    def inside_another(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in chosen for i in range(1, len(parts)))
+
+    return [n for n in names if not inside_another(n)]
 
 
 def _has_state(module: nn.Module) -> bool:
