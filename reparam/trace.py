@@ -7,6 +7,7 @@ traceable.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,27 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
+
+
+class _Proxy(torch.fx.Proxy):
+    """A proxy that records `out += y` as the in-place update it is.
+
+    torch.fx's own proxy has no `__iadd__`, so Python records `out += y` as `out = out + y`: right
+    when nothing else holds `out`, wrong when a view of it or a graph input it aliases is read
+    afterwards (the original updates those too). Recorded as `operator.iadd`, the update is
+    rewritten out of place later only where no reader can tell (see `passes.functionalize`)."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
 class _FallbackTracer(torch.fx.Tracer):
@@ -56,6 +78,9 @@ class _FallbackTracer(torch.fx.Tracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
