@@ -228,7 +228,8 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
         consts.values[new] = env64[new]
     if count:
         remove_dead_nodes(gm)
-    consts.values = {n: v for n, v in consts.values.items() if n.graph is gm.graph and n in set(gm.graph.nodes)}
+    alive = set(gm.graph.nodes)  # constants whose nodes were removed as dead code are dropped
+    consts.values = {n: v for n, v in consts.values.items() if n in alive}
     return consts
 
 

@@ -98,7 +98,7 @@ def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> set[t
     updated = set()
     for node in gm.graph.nodes:
         aliases.add(node)
-        if updates_in_place(gm, node, aliases.modules) and isinstance(node.args[0], torch.fx.Node):
+        if aliases.updates_in_place(node) and isinstance(node.args[0], torch.fx.Node):
             updated.add(aliases.find(node))
     return {n for n in gm.graph.nodes if n in aliases.parent and aliases.find(n) in updated}
 
@@ -110,6 +110,7 @@ class _Aliases:
         self.gm = gm
         self.is_metadata_read = is_metadata_read
         self.modules = dict(gm.named_modules())
+        self._in_place: dict[torch.fx.Node, bool] = {}
         self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
         self.members: dict[torch.fx.Node, list[torch.fx.Node]] = {}
 
@@ -138,7 +139,7 @@ class _Aliases:
             fresh = self._allocates(node)
         if fresh:
             return
-        if updates_in_place(self.gm, node, self.modules):  # the result is the updated value itself
+        if self.updates_in_place(node):  # the result is the updated value itself
             if isinstance(node.args[0], torch.fx.Node) and node.args[0] in self.parent:
                 self.union(node, node.args[0])
             return
@@ -146,13 +147,18 @@ class _Aliases:
             if source in self.parent:
                 self.union(node, source)
 
+    def updates_in_place(self, node: torch.fx.Node) -> bool:
+        if node not in self._in_place:
+            self._in_place[node] = updates_in_place(self.gm, node, self.modules)
+        return self._in_place[node]
+
     def class_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return self.members[self.find(node)]
 
     def _allocates(self, node: torch.fx.Node) -> bool:
         if node.op in ("placeholder", "get_attr", "output") or self.is_metadata_read(node):
             return True
-        if updates_in_place(self.gm, node, self.modules):
+        if self.updates_in_place(node):
             return False
         if node.op == "call_function":
             return node.target in _ALLOCATING_FUNCTIONS
@@ -177,10 +183,10 @@ class _Functionalizer:
     def run(self) -> list[KeptInPlace]:
         for i, node in enumerate(self.graph.nodes):
             self.position[node] = i
-            if node.op == "call_module" and updates_in_place(self.gm, node, self.modules):
+            if node.op == "call_module" and self.aliases.updates_in_place(node):
                 self._module_sites[node.target] = self._module_sites.get(node.target, 0) + 1
         for node in list(self.graph.nodes):
-            if not updates_in_place(self.gm, node, self.modules) or not isinstance(node.args[0], torch.fx.Node) \
+            if not self.aliases.updates_in_place(node) or not isinstance(node.args[0], torch.fx.Node) \
                     or "reparam_shape" not in node.args[0].meta:
                 self.aliases.add(node)
                 continue
