@@ -374,6 +374,27 @@ def _add_counts(report: Report, inner: Report) -> None:
             setattr(report, attr, b if a is None else Counts(a.nodes + b.nodes, a.params + b.params, a.macs + b.macs))
 
 
+_PRESERVED = "_user_preserved_attributes"  # GraphModule's deepcopy restores meta[this] as attributes
+
+
+def _module_init(self, *args, **kwargs):
+    nn.Module.__init__(self)
+
+
+class _KeepsInterface:
+    """First base of a fused submodule that keeps its original class (see `_with_interface_of`)."""
+
+    def __deepcopy__(self, memo):
+        copied = torch.fx.GraphModule.__deepcopy__(self, memo)
+        # GraphModule's copy keeps only what its graph reads; the caller may read more.
+        for store in ("_parameters", "_buffers", "_modules"):
+            for name, value in getattr(self, store).items():
+                if name not in getattr(copied, store):
+                    getattr(copied, store)[name] = copy.deepcopy(value, memo)
+        copied._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        return copied
+
+
 def _with_interface_of(original: nn.Module, fused: torch.fx.GraphModule) -> nn.Module:
     """`fused`, answering like `original` to whatever the caller's untraceable forward reads from it.
 
@@ -384,12 +405,19 @@ def _with_interface_of(original: nn.Module, fused: torch.fx.GraphModule) -> nn.M
     referenced = fused.meta.pop("reparam_referenced", set())
     cls = type(original)
     try:
-        fused.__class__ = type(cls.__name__, (type(fused), cls), {"__module__": cls.__module__})
+        # GraphModule's own __init__ (also run by deepcopy) must not reach the original's __init__.
+        init_shim = type(cls.__name__, (cls,), {"__init__": _module_init, "__module__": cls.__module__})
+        base = type(cls.__name__, (_KeepsInterface, torch.fx.GraphModule, init_shim), {"__module__": cls.__module__})
+        # Like every GraphModule, the instance gets a class of its own named GraphModuleImpl,
+        # which holds the generated forward (deepcopy builds a fresh one over `base`).
+        impl = type("GraphModuleImpl", (base,), {"__module__": cls.__module__})
+        fused.__class__ = impl
+        fused.recompile()
     except TypeError:
         pass  # an incompatible class layout: attributes and buffers are still carried over
-    for key, value in original.__dict__.items():
-        if key not in fused.__dict__:
-            fused.__dict__[key] = value
+    plain = {key: value for key, value in original.__dict__.items() if key not in fused.__dict__}
+    fused.__dict__.update(plain)
+    fused.meta[_PRESERVED] = {**fused.meta.get(_PRESERVED, {}), **plain}  # kept by deepcopy
     for name, buf in original._buffers.items():
         if buf is not None and name not in fused._buffers and not hasattr(fused, name):
             fused.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)

@@ -7,6 +7,8 @@ are fused separately. Its own `forward` still reads its children: plain attribut
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,10 @@ def test_leaf_reads_attributes_buffers_caches_and_methods_of_its_fused_child():
     assert n_convs(attn) == 3  # qkv, dw + skip, proj
     assert_same(model, fused, x)
     assert_same(model, fused, torch.randn(1, 3, 3, 3, dtype=torch.float64))  # the other branch
+    copied = copy.deepcopy(fused)  # a copy answers alike
+    assert copied.mixer.attn.resolution == 4 and copied.mixer.attn.window() == 4
+    assert "mixer.attn.unused_scale" in dict(copied.named_parameters())
+    assert_same(model, copied, x)
 
 
 def test_no_stale_weights_after_fusing_inside_a_leaf():
