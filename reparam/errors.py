@@ -10,7 +10,13 @@ class InputError(ReparamError, ValueError):
 
 
 class TraceFailure(ReparamError):
-    """The model cannot be traced with torch.fx at all."""
+    """The model cannot be traced with torch.fx at all.
+
+    `reason`: why torch.fx failed, in one line (the message adds which module and what to do)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class VerificationError(ReparamError):

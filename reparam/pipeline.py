@@ -8,6 +8,7 @@ The pipeline, on a private eval-mode copy of the caller's model:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import copy
 import gc
 import time
@@ -17,54 +18,123 @@ from functools import partial
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from .errors import InputError, TraceFailure
-from .measure import count_macs, count_params, counts
+from .errors import InputError, TraceFailure, VerificationError, first_line
+from .measure import count_params, counts
+from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import dtype_of, fold_constants, propagate_shapes, trace
-from .verify import check
+from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
+from .verify import check, compare
 
 
-def fuse(model: nn.Module, example_input, *, verify: bool = True, rtol: float | None = None,
+def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
          atol: float | None = None) -> torch.fx.GraphModule:
     """Return the inference form of `model`: every exactly fusible linear structure in one conv.
 
     Args:
         model: any `nn.Module` in its training form. It is never modified.
         example_input: a tensor, or a tuple of tensors, that `model` accepts. Used for tracing
-            shapes, cost decisions, the report's counts, and verification.
-        verify: run the original (in eval mode) and the fused module on `example_input` and raise
-            `VerificationError` if they disagree beyond the tolerance.
+            shapes, cost decisions, the report's counts, and verification. It is never modified
+            (every run reads a copy, so a model that updates its input in place is fine).
+        verify: how to check the fused model on `example_input`; `VerificationError` if it fails.
+            - True (default): run the original (in eval mode) and the fused module in the model's
+              own dtype and compare. When they disagree, both are also compared in float64: if
+              they agree there, the fusion is exact and the model itself amplifies float32
+              rounding, and the error says so (with |original32 - original64| and
+              |fused64 - original64|) instead of reporting a bug.
+            - "float64": check the algebra only: a float64 copy of the original and of the
+              fused model (fused again from float64 weights) must agree to float64 rounding.
+              For models that are too sensitive to float32 rounding to be compared in float32.
+            - False: no check.
         rtol, atol: the allowed difference is `atol + rtol * max|original output|` per output
-            tensor; defaults depend on the dtype (see `reparam.verify.DEFAULT_TOLERANCES`).
+            tensor; defaults depend on the dtype (see `reparam.verify.DEFAULT_TOLERANCES`). They
+            apply to the check in the model's dtype; the float64 check uses the float64 defaults.
 
     Returns:
         A `torch.fx.GraphModule` in eval mode, on the model's device and in its dtype, with the
-        fusion report as its `.report` attribute.
+        fusion report as its `.report` attribute. When the model's own `forward` cannot be traced,
+        its submodules are fused separately and the result is a private copy of the model itself
+        (same class, fused submodules), with the same `.report` (its first leaf says why).
     """
     name = _check_model(model)
     inputs = _check_inputs(example_input, name)
+    if verify not in (True, False, "float64"):
+        raise InputError(f"verify must be True, False or \"float64\", got {verify!r}")
     with _gc_paused(), torch.no_grad():
         work = _private_copy(model, name)
-        reference = _run_reference(work, inputs, name) if verify else None
+        reference = _run_reference(work, _cloned(inputs), name) if verify is True else None
         start = time.perf_counter()
-        fused, report = _fuse_module(work, inputs, name)
+        fused, report = _fuse_top(work, inputs, name)
         report.fuse_seconds = time.perf_counter() - start
-        report.after = counts(fused)
-        if verify:
-            output = fused(*inputs)
-            result = check(reference, output, name, rtol, atol)
+        if verify is True:
+            output = fused(*_cloned(inputs))
+            result = compare(reference, output, rtol, atol)
+            if not result.ok:
+                _explain_failure(model, inputs, name, reference, output, rtol, atol)
+            report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
+        elif verify == "float64":
+            _, _, result = _compare_in_float64(model, inputs, name)
+            if not result.ok:
+                raise VerificationError(
+                    f"fused {name} disagrees with the original in float64 on the example input: max "
+                    f"|difference| {result.max_abs_diff:.3g} at {result.where}, allowed {result.allowed:.3g}. "
+                    "This is a bug in reparam (please report it with the model); pass verify=False to "
+                    "get the fused model anyway.", result.max_abs_diff, result.allowed)
             report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
     fused.report = report
     return fused
 
 
-def explain(model: nn.Module, example_input, *, verify: bool = True, rtol: float | None = None,
+def explain(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
             atol: float | None = None) -> Report:
-    """The report `fuse` would attach, without keeping the fused model. `print()` it for a table."""
+    """The report `fuse` would attach, without keeping the fused model. `print()` it for a table.
+
+    `verify`, `rtol`, `atol`: as for `fuse` (True, "float64" or False)."""
     return fuse(model, example_input, verify=verify, rtol=rtol, atol=atol).report
+
+
+# --------------------------------------------------------------------------------------------
+# Verification: a bug or the model's own sensitivity to rounding?
+# --------------------------------------------------------------------------------------------
+
+def _compare_in_float64(model: nn.Module, inputs: tuple, name: str):
+    """Original and fused, both in float64 (fused again from float64 copies of the weights).
+
+    Returns (original output, fused output, comparison at the float64 tolerance)."""
+    work64 = _private_copy(model, name).double()
+    inputs64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    reference64 = _run_reference(work64, _cloned(inputs64), name)
+    fused64, _ = _fuse_top(work64, inputs64, name)
+    output64 = fused64(*_cloned(inputs64))
+    return reference64, output64, compare(reference64, output64)
+
+
+def _explain_failure(model, inputs, name, reference, output, rtol, atol):
+    """Raise the right VerificationError for a failed check in the model's dtype."""
+    try:
+        reference64, _, exact = _compare_in_float64(model, inputs, name)
+    except Exception:  # the model does not run in float64: say what we know
+        exact = None
+    if exact is not None and exact.ok:
+        result = compare(reference, output, rtol, atol)
+        own = compare(reference64, _as_float64(reference))
+        fused = compare(reference64, _as_float64(output))
+        raise VerificationError(
+            f"fused {name} differs from the original by {result.max_abs_diff:.3g} at {result.where} on the "
+            f"example input (allowed {result.allowed:.3g}), but the fusion is exact: in float64 they agree "
+            f"to {exact.max_abs_diff:.3g} (allowed {exact.allowed:.3g}). The model itself is sensitive to "
+            f"rounding: |original - original in float64| = {own.max_abs_diff:.3g} and |fused - original "
+            f"in float64| = {fused.max_abs_diff:.3g}. Pass verify=\"float64\" to check the fusion in "
+            "float64 only, rtol/atol to accept this much rounding, or verify=False.",
+            result.max_abs_diff, result.allowed)
+    check(reference, output, name, rtol, atol)  # raises: the fused model is wrong
+
+
+def _as_float64(value):
+    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,81 +212,225 @@ def _run_reference(work: nn.Module, inputs, name: str):
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"{name} rejected example_input ({shapes}): {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from exc
+                         f"{first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+def _cloned(inputs: tuple) -> tuple:
+    """Copies of the example inputs: a model may update its input in place, and the caller's
+    tensors must stay as they were (and every run must see the same values)."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Report]:
+    """Fuse the model; when its own forward cannot be traced, fuse inside its submodules."""
+    try:
+        return _fuse_module(work, inputs, name)
+    except TraceFailure as exc:
+        failure = exc
+    report = Report(model=name)
+    inside = _fuse_inside(work, inputs, {}, "", report, totals=True)
+    if inside is None:
+        raise TraceFailure(f"{failure}; none of its submodules can be traced either, so there is nothing "
+                           "reparam can fuse (Python control flow on tensor values must be inside "
+                           "submodules for their neighbours to be fused)", failure.reason) from failure
+    report.leaves.insert(0, Leaf(f"{name} (the model itself)", f"{failure.reason}; its submodules were "
+                                 "fused separately", inside))
+    params = count_params(work)
+    if report.before is not None:  # parameters of the whole model, not only of the traced parts
+        untraced = params - report.after.params
+        report.before = replace(report.before, params=report.before.params + untraced)
+        report.after = replace(report.after, params=params)
+    work.eval()
+    return work, report
+
+
 def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") -> tuple[torch.fx.GraphModule, Report]:
-    """Fuse a traceable module in place of its graph; recurses into untraceable submodules."""
+    """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
+
+    Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     gm, failed = trace(module)
     try:
-        _, leaf_inputs = propagate_shapes(gm, inputs, set(failed))
+        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed))
     except Exception as exc:
-        _run_reference(module, inputs, name)  # raises the clear error if the input is at fault
+        _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
-                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                           f"{type(exc).__name__}: {first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
+    referenced = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
-    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason) for r in forms.refusals]
-    for node, (args, kwargs) in leaf_inputs.items():
-        leaf_module = gm.get_submodule(node.target)
-        regions = _fuse_inside(leaf_module, args, kwargs, f"{prefix}{node.target}.", report)
-        report.leaves.append(Leaf(f"{prefix}{node.target}", failed[node.target], regions))
+    report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
+                       for r in [*kept, *consts.unfolded, *forms.refusals]]
+    sites: dict[str, list] = {}
+    for node, call in leaf_inputs.items():
+        sites.setdefault(node.target, []).append(call)
+    for target, calls in sites.items():
+        # Fusion is exact for every input, so one call's inputs serve all call sites.
+        args, kwargs = calls[0]
+        regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
+        reason = failed[target] + (f" (called at {len(calls)} places)" if len(calls) > 1 else "")
+        report.leaves.append(Leaf(f"{prefix}{target}", reason, regions))
     for qualname, reason in failed.items():  # leaves never reached on the example input
-        if not any(leaf.module == f"{prefix}{qualname}" for leaf in report.leaves):
-            report.leaves.append(Leaf(f"{prefix}{qualname}", reason, 0))
+        if qualname not in sites:
+            report.leaves.append(Leaf(f"{prefix}{qualname}", reason + " (not called on the example input)", 0))
     gm.graph.lint()
     # A fresh GraphModule holds only what the rewritten graph still uses.
     fused = torch.fx.GraphModule(gm, gm.graph, class_name=name)
     fused.eval()
+    report.after = counts(fused)
+    fused.meta["reparam_referenced"] = referenced
     return fused, report
 
 
-def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report) -> int:
-    """Fuse each direct child of an untraceable module separately; returns regions fused."""
+def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, report: Report,
+                 totals: bool = False) -> int | None:
+    """Fuse the submodules an untraceable module calls, each separately, in place.
+
+    The submodules fused are the outermost ones called by `module.forward` (the elements of a
+    ModuleList it loops over, say). Returns the number of regions fused, or None when no submodule
+    with parameters or buffers, at any depth, could be traced. Whatever could not be done is added
+    to `report` with its reason. `totals`: add the submodules' counts to `report.before`/`after`
+    (for a model whose own forward is not traceable)."""
     calls: dict[str, list] = {}
 
     def record(child_name, _module, c_args, c_kwargs):
-        calls.setdefault(child_name, []).append((c_args, c_kwargs))
+        calls.setdefault(child_name, []).append((_cloned(c_args), c_kwargs))
 
+    where = prefix[:-1] or type(module).__name__
     handles = [child.register_forward_pre_hook(partial(record, child_name), with_kwargs=True)
-               for child_name, child in module.named_children()]
+               for child_name, child in module.named_modules() if child_name]
     try:
-        module(*args, **kwargs)
-    except Exception:
+        module(*_cloned(args), **kwargs)
+    except Exception as exc:
+        report.refusals.append(Refusal(where, f"not fused inside: running it to find the inputs of its "
+                                              f"submodules failed: {type(exc).__name__}: {first_line(exc)}"))
         return 0
     finally:
         for h in handles:
             h.remove()
-    fused = 0
-    for child_name, child in list(module.named_children()):
-        seen = calls.get(child_name, [])
-        if len(seen) != 1 or seen[0][1] or not all(isinstance(a, torch.Tensor) for a in seen[0][0]):
-            continue  # called several times or with non-tensor arguments: leave it
-        c_args = seen[0][0]
-        try:
-            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, f"{prefix}{child_name}.")
-        except TraceFailure:
-            fused += _fuse_inside(child, c_args, {}, f"{prefix}{child_name}.", report)
+    fused, traced = 0, False
+    for child_name in _outermost(calls):
+        child = module.get_submodule(child_name)
+        c_args, c_kwargs = calls[child_name][0]
+        child_prefix = f"{prefix}{child_name}."
+        if c_kwargs or not c_args or not all(isinstance(a, torch.Tensor) for a in c_args):
+            report.refusals.append(Refusal(child_prefix[:-1], "not fused: called with keyword or non-tensor "
+                                           "arguments, which reparam cannot trace it with"))
             continue
+        try:
+            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix)
+        except TraceFailure:
+            inside = _fuse_inside(child, c_args, {}, child_prefix, report, totals)
+            if inside is not None:
+                traced = True
+                report.leaves.append(Leaf(child_prefix[:-1], "its forward cannot be traced", inside))
+                fused += inside
+            continue
+        except Exception as exc:
+            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: fusing it failed with "
+                                           f"{type(exc).__name__}: {first_line(exc)}"))
+            continue
+        # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
+        traced = traced or _has_state(child)
         if inner.regions:
-            setattr(module, child_name, child_gm)
+            owner, _, attr = child_name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, attr, _with_interface_of(child, child_gm))
             report.regions.extend(inner.regions)
             fused += len(inner.regions)
         report.refusals.extend(inner.refusals)
         report.leaves.extend(inner.leaves)
+        if totals:
+            _add_counts(report, inner)
+    return fused if traced else None
+
+
+def _outermost(names) -> list[str]:
+    """The names not inside another of `names` (`blocks.0`, not `blocks.0.conv`), in order."""
+    chosen = set(names)
+
+    def inside_another(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in chosen for i in range(1, len(parts)))
+
+    return [n for n in names if not inside_another(n)]
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None
+
+
+def _add_counts(report: Report, inner: Report) -> None:
+    """Totals over the submodules fused separately (when the model itself is not traceable)."""
+    for attr in ("before", "after"):
+        a, b = getattr(report, attr), getattr(inner, attr)
+        if b is not None:
+            setattr(report, attr, b if a is None else Counts(a.nodes + b.nodes, a.params + b.params, a.macs + b.macs,
+                                                             a.latency_us + b.latency_us))
+
+
+_PRESERVED = "_user_preserved_attributes"  # GraphModule's deepcopy restores meta[this] as attributes
+
+
+def _module_init(self, *args, **kwargs):
+    nn.Module.__init__(self)
+
+
+class _KeepsInterface:
+    """First base of a fused submodule that keeps its original class (see `_with_interface_of`)."""
+
+    def __deepcopy__(self, memo):
+        copied = torch.fx.GraphModule.__deepcopy__(self, memo)
+        # GraphModule's copy keeps only what its graph reads; the caller may read more.
+        for store in ("_parameters", "_buffers", "_modules"):
+            for name, value in getattr(self, store).items():
+                if name not in getattr(copied, store):
+                    getattr(copied, store)[name] = copy.deepcopy(value, memo)
+        copied._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        return copied
+
+
+def _with_interface_of(original: nn.Module, fused: torch.fx.GraphModule) -> nn.Module:
+    """`fused`, answering like `original` to whatever the caller's untraceable forward reads from it.
+
+    The caller may read plain attributes (`self.attn.resolution`), buffers, caches and methods of
+    the submodule it calls. `fused` takes the original's class as a base (for its methods and
+    properties), its plain attributes and buffers, and the parameters and submodules its own
+    forward never used; parameters folded into fused weights are not kept."""
+    referenced = fused.meta.pop("reparam_referenced", set())
+    cls = type(original)
+    try:
+        # GraphModule's own __init__ (also run by deepcopy) must not reach the original's __init__.
+        init_shim = type(cls.__name__, (cls,), {"__init__": _module_init, "__module__": cls.__module__})
+        base = type(cls.__name__, (_KeepsInterface, torch.fx.GraphModule, init_shim), {"__module__": cls.__module__})
+        # Like every GraphModule, the instance gets a class of its own named GraphModuleImpl,
+        # which holds the generated forward (deepcopy builds a fresh one over `base`).
+        impl = type("GraphModuleImpl", (base,), {"__module__": cls.__module__})
+        fused.__class__ = impl
+        fused.recompile()
+    except TypeError:
+        pass  # an incompatible class layout: attributes and buffers are still carried over
+    plain = {key: value for key, value in original.__dict__.items() if key not in fused.__dict__}
+    fused.__dict__.update(plain)
+    fused.meta[_PRESERVED] = {**fused.meta.get(_PRESERVED, {}), **plain}  # kept by deepcopy
+    for name, buf in original._buffers.items():
+        if buf is not None and name not in fused._buffers and not hasattr(fused, name):
+            fused.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+    for name, param in original._parameters.items():
+        if param is not None and name not in referenced and not hasattr(fused, name):
+            fused.register_parameter(name, param)
+    for name, sub in original._modules.items():
+        used = any(t == name or t.startswith(name + ".") for t in referenced)
+        if sub is not None and not used and not hasattr(fused, name):
+            fused.add_module(name, sub)
+    fused.train(original.training)
     return fused
 
 

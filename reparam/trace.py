@@ -7,6 +7,7 @@ traceable.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +15,29 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .errors import TraceFailure
+from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
+
+
+class _Proxy(torch.fx.Proxy):
+    """A proxy that records `out += y` as the in-place update it is.
+
+    torch.fx's own proxy has no `__iadd__`, so Python records `out += y` as `out = out + y`: right
+    when nothing else holds `out`, wrong when a view of it or a graph input it aliases is read
+    afterwards (the original updates those too). Recorded as `operator.iadd`, the update is
+    rewritten out of place later only where no reader can tell (see `passes.functionalize`)."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
 
 class _FallbackTracer(torch.fx.Tracer):
@@ -24,6 +46,45 @@ class _FallbackTracer(torch.fx.Tracer):
     def __init__(self):
         super().__init__()
         self.failed_leaves: dict[str, str] = {}
+        self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
+
+    # torch.fx finds the name of a parameter or buffer read in `forward` by scanning every named
+    # parameter of the model, on each access: quadratic in the model's size. One table instead.
+    def _name_of(self, value: torch.Tensor) -> str | None:
+        if self._tensor_names is None:
+            table: dict[int, tuple[str, torch.Tensor]] = {}
+            for n, p in self.root.named_parameters():
+                table.setdefault(id(p), (n, p))
+            for n, b in self.root.named_buffers():
+                table.setdefault(id(b), (n, b))
+            self._tensor_names = table
+        entry = self._tensor_names.get(id(value))
+        return entry[0] if entry is not None and entry[1] is value else None
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        is_param = isinstance(attr_val, nn.Parameter)
+        if is_param or (self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor)):
+            name = self._name_of(attr_val)
+            if name is None:
+                return super().getattr(attr, attr_val, parameter_proxy_cache) if is_param else attr_val
+            if name not in parameter_proxy_cache:
+                parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+            return parameter_proxy_cache[name]
+        return attr_val
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy):
+            name = self._name_of(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        self._tensor_names = None
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.failed_leaves or super().is_leaf_module(m, qualname)
@@ -46,7 +107,7 @@ class _FallbackTracer(torch.fx.Tracer):
             if calls is not None:
                 self.num_calls.clear()
                 self.num_calls.update(calls)
-            self.failed_leaves[qualname] = f"{type(exc).__name__}: {_first_line(exc)}"
+            self.failed_leaves[qualname] = f"{type(exc).__name__}: {first_line(exc)}"
             return super().call_module(m, forward, args, kwargs)
 
 
@@ -58,11 +119,6 @@ def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.No
     return nodes
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
     tracer = _FallbackTracer()
@@ -70,11 +126,8 @@ def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        raise TraceFailure(
-            f"cannot trace {name}.forward with torch.fx: {type(exc).__name__}: {_first_line(exc)}. "
-            "reparam needs the model's own forward to be traceable (no Python control flow on tensor "
-            "values); submodules that cannot be traced are kept whole automatically."
-        ) from exc
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+        raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
     gm = torch.fx.GraphModule(model, graph, class_name=name)
     return gm, dict(tracer.failed_leaves)
 
@@ -90,12 +143,20 @@ _RANDOM = {
 }
 
 
+@dataclass(frozen=True)
+class Unfolded:
+    """A computation on parameters and buffers alone that could not be evaluated once."""
+
+    where: str
+    reason: str
+
+
 @dataclass
 class Constants:
-    """Values of constant nodes in float64 (for the algebra) and the attribute that holds them."""
+    """Values of constant nodes in float64 (for the algebra), and the computations left unfolded."""
 
     values: dict[torch.fx.Node, torch.Tensor] = field(default_factory=dict)
-    folded: int = 0
+    unfolded: list[Unfolded] = field(default_factory=list)
 
     def get(self, node) -> torch.Tensor | None:
         return self.values.get(node)
@@ -105,15 +166,25 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
     """Replace every node computed from parameters and buffers alone by one buffer.
 
     In eval mode such a computation (a weight built in `forward`, `self.weight + self.id_tensor`,
-    OREPA-style weight generators) is a constant. It is evaluated twice: in float64 from the
-    original parameters for the algebra, and in the model's own dtype for the graph.
+    OREPA-style weight generators) is a constant. A function or method is evaluated twice: in the
+    dtype of its inputs for the buffer the graph reads, and again from float64 copies of the
+    floating-point inputs for the algebra (integer tensors keep their dtype). A submodule call is
+    evaluated once, in its own dtype, and its result converted to float64 for the algebra.
+    A computation that fails to evaluate is left in the graph and listed in `Constants.unfolded`.
     """
+    from .passes.functionalize import values_updated_in_place
+
+    # A value some node updates in place is not a constant (and folding the update would apply it
+    # once, to a stored copy, instead of on every call).
+    updated = values_updated_in_place(gm, is_shape_query)
     consts = Constants()
     env: dict[torch.fx.Node, object] = {}
     env64: dict[torch.fx.Node, object] = {}
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "get_attr":
+            if node in updated:
+                continue
             value = _fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 env[node] = value.detach()
@@ -125,13 +196,19 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
         inputs = node.all_input_nodes
         if not inputs or any(n not in env for n in inputs) or node.target in _RANDOM:
             continue
+        if node in updated:  # an update in place, or a value it changes
+            continue
         if node.op == "call_method" and node.target in ("dropout", "bernoulli_", "normal_", "uniform_"):
             continue
         try:
             value = _run(gm, node, env)
             # A submodule keeps its own dtype; everything else is recomputed in float64.
             value64 = value if node.op == "call_module" else _run(gm, node, env64)
-        except Exception:
+        except Exception as exc:
+            consts.unfolded.append(Unfolded(node.name, (
+                f"computed from parameters and buffers alone, but evaluating it once failed "
+                f"({type(exc).__name__}: {first_line(exc)}): it stays a computation, and the operations "
+                "that use it are not fused")))
             continue
         if not isinstance(value, torch.Tensor) or not isinstance(value64, torch.Tensor):
             continue
@@ -149,10 +226,10 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
         env[new] = value.detach()
         env64[new] = value64.detach()
         consts.values[new] = env64[new]
-        consts.folded += 1
     if count:
         remove_dead_nodes(gm)
-    consts.values = {n: v for n, v in consts.values.items() if n.graph is gm.graph and n in set(gm.graph.nodes)}
+    alive = set(gm.graph.nodes)  # constants whose nodes were removed as dead code are dropped
+    consts.values = {n: v for n, v in consts.values.items() if n in alive}
     return consts
 
 
@@ -236,4 +313,4 @@ def is_shape_query(user: torch.fx.Node) -> bool:
 
 
 __all__ = ["trace", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
-           "Constants", "operator"]
+           "Constants", "Unfolded"]

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import affine
-from ..trace import Constants, shape_of
-from .cleanup import is_in_place
+from ..trace import Constants, is_shape_query, shape_of
+from .functionalize import values_updated_in_place
 
 # Argument names of the functional forms, for binding positional and keyword arguments alike.
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -122,10 +122,10 @@ class Classifier:
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
         self.gm = gm
         self.consts = consts
-        # Values updated in place while something else still reads them: their readers keep their
-        # original order, so no linear op that reads them is touched.
-        self.mutated = {n.args[0] for n in gm.graph.nodes if is_in_place(gm, n)
-                        and isinstance(n.args[0], torch.fx.Node) and len(n.args[0].users) > 1}
+        # Updates that stay in place (see passes.functionalize), the values they update, and
+        # everything sharing memory with those: replacing any of them by another value, or
+        # reading them in another order, could change what some reader sees.
+        self.mutated = values_updated_in_place(gm, is_shape_query)
 
     def const(self, value) -> torch.Tensor | None:
         """The float64 value of a constant argument (a number or a parameter/buffer), else None."""
@@ -144,6 +144,12 @@ class Classifier:
             return None
         if any(n in self.mutated for n in node.all_input_nodes):
             return None
+        rule = self._classify(node)
+        if rule is not None and node in self.mutated and not (rule.kind == "affine" and not rule.op.is_identity):
+            return None  # updated in place: only a fresh value (a new conv) may stand for it, not an alias
+        return rule
+
+    def _classify(self, node: torch.fx.Node) -> LinearOp | None:
         if node.op == "call_module":
             return self._module(node, self.gm.get_submodule(node.target))
         if node.op == "call_function":

@@ -149,8 +149,11 @@ def test_untraceable_submodule_is_a_leaf_fused_inside():
 
 
 def test_untraceable_model_raises_a_clear_error():
+    model = DataDependent()
+    model.body = nn.Identity()  # no submodule left that could be traced and fused on its own
+    model.gain = nn.Parameter(torch.ones(1))
     with pytest.raises(TraceFailure, match="DataDependent.*control flow"):
-        reparam.fuse(DataDependent(), torch.randn(1, 4, 6, 6))
+        reparam.fuse(model, torch.randn(1, 4, 6, 6))
 
 
 def test_not_a_module():

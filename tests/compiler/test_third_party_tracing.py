@@ -1,0 +1,197 @@
+"""Tracing models as other people write them: untraceable top levels, parameters read in forward,
+`torch.jit.is_scripting()` checks, shape asserts, weights computed in forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+import reparam
+from reparam.errors import TraceFailure
+from reparam.trace import trace
+
+from .helpers import assert_same, conv_bn, n_bns, n_convs, randomize_bn, rbn
+
+torch.manual_seed(0)
+
+
+class RepBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.kxk = conv_bn(c, c, 3)
+        self.pw = conv_bn(c, c, 1)
+        self.skip = rbn(c)
+        self.tag = "rep"
+
+    def forward(self, x):
+        return torch.relu(self.kxk(x) + self.pw(x) + self.skip(x))
+
+
+class Gated(nn.Module):
+    """The model's own forward has control flow on a value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = RepBlock(4)
+        self.blocks = nn.ModuleList(RepBlock(4) for _ in range(2))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > 0:
+            for block in self.blocks:
+                x = block(x)
+        assert self.stem.tag == "rep"
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_top_level_is_fused_inside_its_children():
+    model = Gated().double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert isinstance(fused, Gated) and not fused.training
+    report = fused.report
+    assert report.leaves[0].module == "Gated (the model itself)"
+    assert "control flow" in report.leaves[0].reason and report.leaves[0].fused_inside == 3
+    assert sorted(r.name for r in report.regions) == ["blocks.0.fused_0", "blocks.1.fused_0", "stem.fused_0"]
+    for name in ("stem", "blocks.0", "blocks.1"):
+        sub = fused.get_submodule(name)
+        assert n_bns(sub) == 0 and n_convs(sub) == 1 and sub.tag == "rep"
+    assert report.after.params == sum(p.numel() for p in fused.parameters())
+    assert report.before.params == sum(p.numel() for p in model.parameters())
+    assert report.max_abs_diff is not None
+    assert_same(model, fused, x)
+    assert_same(model, fused, -x - 5)  # the other branch
+    assert isinstance(model.stem.kxk, nn.Sequential), "the caller's model is never modified"
+
+
+def test_nothing_traceable_raises_a_clear_error():
+    class Hopeless(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(1))
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            if x.mean() > 0:
+                return self.act(x) * self.gain
+            return x
+
+    with pytest.raises(TraceFailure, match="Hopeless.forward.*none of its submodules"):
+        reparam.fuse(Hopeless(), torch.randn(1, 4, 4, 4))
+
+
+class FunctionalBNAct(nn.Module):
+    """BatchNormAct-style: reads its own parameters and buffers in forward, Identity activation."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c))
+        self.register_buffer("running_mean", torch.randn(c))
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+        self.eps = 1e-3
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        if not torch.jit.is_scripting():
+            torch._assert(x.dim() == 4, "expected NCHW")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+class ScaledConv(nn.Module):
+    """A conv whose weight is computed in forward (weight standardization style) + a layer scale."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 3, 3))
+        self.gain = nn.Parameter(torch.rand(c, 1, 1, 1) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.bn = FunctionalBNAct(c)
+
+    def forward(self, x):
+        w = self.weight * self.gain
+        return self.gamma * self.bn(F.conv2d(x, w, None, 1, 1))
+
+
+def test_functional_bn_and_computed_weights_fuse():
+    model = nn.Sequential(ScaledConv(4), nn.ReLU(), ScaledConv(4))
+    x = torch.randn(2, 4, 6, 6)
+    fused = reparam.fuse(model.double().eval(), x.double())
+    assert n_convs(fused) == 2 and not fused.report.refusals
+    assert not any(n.target is F.batch_norm for n in fused.graph.nodes)
+    assert_same(model, fused, x.double())
+
+
+def test_tracing_looks_up_parameters_once_per_model():
+    """torch.fx's default look-up scans every named parameter per access (quadratic)."""
+    model = nn.Sequential(*[ScaledConv(2) for _ in range(30)])
+    calls = {"parameters": 0, "buffers": 0}
+    named_parameters, named_buffers = model.named_parameters, model.named_buffers
+
+    def counting_parameters(*args, **kwargs):
+        calls["parameters"] += 1
+        return named_parameters(*args, **kwargs)
+
+    def counting_buffers(*args, **kwargs):
+        calls["buffers"] += 1
+        return named_buffers(*args, **kwargs)
+
+    model.named_parameters, model.named_buffers = counting_parameters, counting_buffers
+    gm, failed = trace(model)
+    assert not failed
+    assert calls["parameters"] <= 1 and calls["buffers"] <= 1, calls
+    targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(targets) == 30 * 7 and len(set(targets)) == len(targets)
+    assert "0.bn.running_mean" in targets and "29.gain" in targets
+
+
+def test_shared_parameter_keeps_its_first_name():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 1)
+            self.b = nn.Conv2d(2, 2, 1)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return F.conv2d(x, self.b.weight) + F.conv2d(x, self.a.weight)
+
+    gm, _ = trace(Shared())
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["a.weight"]
+
+
+@torch.fx.wrap
+def float32_only(w: torch.Tensor) -> torch.Tensor:
+    """Stands for a weight generator that cannot run in float64 (e.g. a custom kernel)."""
+    if w.dtype != torch.float32:
+        raise TypeError(f"float32_only got {w.dtype}")
+    return w * 1.0
+
+
+def test_failed_constant_fold_is_reported():
+    class Generated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+            self.bn = randomize_bn(nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, float32_only(self.weight), padding=1))
+
+    model = Generated().eval()
+    x = torch.randn(1, 4, 6, 6)
+    fused = reparam.fuse(model, x)
+    reasons = [r for r in fused.report.refusals if "evaluating it once failed" in r.reason]
+    assert reasons and "float32_only got torch.float64" in reasons[0].reason
+    assert any(n.op == "call_function" and n.target is float32_only for n in fused.graph.nodes)
+
+
+def test_star_import_of_trace():
+    namespace: dict = {}
+    exec("from reparam.trace import *", namespace)
+    assert "trace" in namespace and "fold_constants" in namespace
