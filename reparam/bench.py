@@ -66,6 +66,8 @@ __all__ = [
     "onnx_op_profile",
     "format_op_profile",
     "count_calls",
+    "export_onnx",
+    "quiet",
     "add_bench_parser",
     "run_bench_command",
 ]
@@ -98,6 +100,23 @@ def _export_api() -> argparse.Namespace:
         resolve_model=export.resolve_model,
         write_onnx=export.write_onnx,
     )
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, *,
+                dynamic_batch: bool = False) -> dict[str, int]:
+    """Write `module` as ONNX (reparam's exporter, quietly); returns its operator counts.
+
+    With `dynamic_batch`, `example` must have a batch of at least two (a batch of one would be
+    specialised by torch.export).
+    """
+    api = _export_api()
+    api.write_onnx(module, example, path, dynamic_batch=dynamic_batch)
+    return api.onnx_op_counts(path)
+
+
+def quiet(enabled: bool = True):
+    """Silence exporter and compiler chatter for a block (`reparam.export.quiet`)."""
+    return _export_api().quiet(enabled)
 
 
 # --------------------------------------------------------------------------------------------
