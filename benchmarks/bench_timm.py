@@ -268,12 +268,12 @@ def summary(rows: list[dict], onnx: bool) -> list[str]:
     lines = []
     eager = [r["eager_ratio"]["median"] for r in good]
     if eager:
-        lines.append(f"geometric mean of eager ours/timm over {len(eager)} families:"
+        lines.append(f"geometric mean of eager ours/timm over {_families(len(eager))}:"
                      f" {bench.geometric_mean(eager):.3f}")
     if onnx:
         ort = [r["ort_ratio"]["median"] for r in good if r.get("ort_ratio")]
         if ort:
-            lines.append(f"geometric mean of ONNX Runtime ours/timm over {len(ort)} families:"
+            lines.append(f"geometric mean of ONNX Runtime ours/timm over {_families(len(ort))}:"
                          f" {bench.geometric_mean(ort):.3f}")
     misses = [f"{r['family']} ({_miss_reason(r)})" for r in good if _miss_reason(r)]
     if misses:
@@ -282,6 +282,10 @@ def summary(rows: list[dict], onnx: bool) -> list[str]:
     if failed:
         lines.append("failed: " + "; ".join(failed))
     return lines
+
+
+def _families(n: int) -> str:
+    return f"{n} {'family' if n == 1 else 'families'}"
 
 
 def _miss_reason(r: dict) -> str:

@@ -259,6 +259,7 @@ class BenchResult:
     unfused: dict[str, int]  # params, macs, nodes
     fused: dict[str, int]
     onnx_nodes: dict[str, int] | None = None  # {"unfused": n, "fused": n} when ORT ran
+    onnx_profile: dict | None = None  # {"unfused"/"fused": onnx_op_profile(...)} if asked for
     rows: list[Row] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
@@ -307,7 +308,15 @@ class BenchResult:
             lines.append(f"median of {count} interleaved rounds after {self.warmup} warm-up"
                          " rounds; the ratio is taken per round (below 1: fused is faster)")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.onnx_profile:
+            lines.append(f"\nONNX Runtime time per operator type (ms per inference, batch"
+                         f" {self.onnx_profile_batch}):")
+            lines.append(format_op_profile(self.onnx_profile))
         return "\n".join(lines)
+
+    @property
+    def onnx_profile_batch(self) -> int:
+        return next((r.batch for r in self.rows if r.runtime == "onnxruntime"), 1)
 
 
 def _ratio_text(a: float, b: float) -> str:
@@ -506,14 +515,15 @@ def benchmark(model: nn.Module, example_input: torch.Tensor, *, name: str | None
               warmup: int = DEFAULT_WARMUP, max_seconds: float | None = DEFAULT_MAX_SECONDS,
               verify: bool = True, device: str | torch.device | None = None,
               dtype: torch.dtype | None = None, fused: nn.Module | None = None,
-              weights: str | None = None,
+              weights: str | None = None, onnx_profile: bool = False,
               progress: Callable[[str], None] | None = None) -> BenchResult:
     """Fuse `model` (verified) and time it unfused and fused, interleaved, per runtime and batch.
 
     example_input: one tensor, batch axis first; `batch_sizes` replace its batch axis (default:
     its own batch size). runtimes: any of "eager", "onnxruntime", "compile". device/dtype: where
     and in which precision to run (default: the model's); ONNX Runtime rows run on CPU in
-    float32 only. fused: an already fused model to time instead of fusing here.
+    float32 only. fused: an already fused model to time instead of fusing here. onnx_profile:
+    with the onnxruntime runtime, also profile both files (`onnx_op_profile`, first batch size).
     Returns a BenchResult; cells that could not be measured carry the reason in `Row.error`.
     """
     say = progress or (lambda message: None)
@@ -592,7 +602,9 @@ def benchmark(model: nn.Module, example_input: torch.Tensor, *, name: str | None
         for runtime in runtimes:
             if runtime == "onnxruntime":
                 result.rows.extend(_onnx_rows(unfused, fused, example, batch_sizes, batch_input,
-                                              used_threads, device, dtype, timed, result, say))
+                                              used_threads, device, dtype, timed, result, say,
+                                              profile_runs=max(5, min(repeats, 50))
+                                              if onnx_profile else 0))
                 continue
             if runtime == "compile":
                 result.rows.extend(_compile_rows(unfused, fused, batch_sizes, batch_input,
@@ -620,7 +632,7 @@ def _inference(module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _onnx_rows(unfused, fused, example, batch_sizes, batch_input, threads, device, dtype, timed,
-               result: BenchResult, say) -> list[Row]:
+               result: BenchResult, say, profile_runs: int = 0) -> list[Row]:
     if device.type != "cpu" or dtype != torch.float32:
         why = "ONNX Runtime rows run on CPU in float32 only"
         return [Row("onnxruntime", b, error=why) for b in batch_sizes]
@@ -661,6 +673,12 @@ def _onnx_rows(unfused, fused, example, batch_sizes, batch_input, threads, devic
             except Exception as exc:
                 rows.append(Row("onnxruntime", batch, error=f"ONNX Runtime failed:"
                                 f" {first_line(exc)}"))
+        if profile_runs:
+            say("profiling both ONNX files")
+            x = batch_input(batch_sizes[0]).contiguous()
+            result.onnx_profile = {label: onnx_op_profile(p, x, threads=threads,
+                                                          runs=profile_runs)
+                                   for label, p in paths.items()}
     return rows
 
 
@@ -871,21 +889,14 @@ def run_bench_command(args) -> int:
                            channels_last=args.channels_last, repeats=args.repeats,
                            warmup=args.warmup, max_seconds=args.max_seconds,
                            verify=not args.no_verify, device=device, dtype=dtype,
-                           weights=loaded.weights, progress=say)
-        profiles = _profile_onnx(loaded.model, result, args, say) if args.onnx_profile else None
+                           weights=loaded.weights, onnx_profile=args.onnx_profile, progress=say)
     finally:
         getattr(say, "done", lambda: None)()
     data = result.to_dict()
-    if profiles is not None:
-        data["onnx_profile"] = profiles
     if args.json == "-":
         print(json.dumps(data, indent=2, default=str))
         return 0
     print(result.table())
-    if profiles is not None:
-        print("\nONNX Runtime time per operator type (ms per inference, batch"
-              f" {batch_sizes[0]}):")
-        print(format_op_profile(profiles))
     if json_out is not None:
         _write_json_atomically(json_out, data)
         print(f"wrote {json_out}")
@@ -902,23 +913,3 @@ def _check_device(text: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"--device {text}: only cpu and cuda are supported")
     return device
-
-
-def _profile_onnx(model: nn.Module, result: BenchResult, args, say) -> dict:
-    """Export both forms again and profile them with ONNX Runtime (the timed files are gone)."""
-    import reparam
-
-    api = _export_api()
-    batch = result.rows[0].batch if result.rows else 1
-    x = random_input((batch,) + tuple(result.input_shape[1:]))
-    with eval_mode(model), tempfile.TemporaryDirectory(prefix="reparam-profile-") as folder:
-        say("profiling both ONNX files")
-        fused = reparam.fuse(model, x[:1], verify=False)
-        profiles = {}
-        for label, module in (("unfused", model), ("fused", fused)):
-            path = Path(folder) / f"{label}.onnx"
-            api.write_onnx(module, random_input((2,) + tuple(x.shape[1:])), path,
-                           dynamic_batch=True)
-            profiles[label] = onnx_op_profile(path, x, threads=result.threads,
-                                              runs=max(5, min(args.repeats, 50)))
-    return profiles

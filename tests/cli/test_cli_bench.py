@@ -165,3 +165,32 @@ def test_count_calls_sees_modules_and_functional_calls():
     counts = bench.count_calls(Mixed(), torch.randn(1, 3, 4, 4),
                                functions={"bn": [F.batch_norm], "conv": [F.conv2d]})
     assert counts == {"bn": 2, "conv": 1}
+
+
+def test_bench_timm_row_on_one_family():
+    """benchmarks/bench_timm.py's comparison, on RepVGG-A0 with one timed round."""
+    import sys
+    from pathlib import Path
+
+    from reparam.optional import MissingExtra, require
+
+    try:
+        require("timm", "this test")
+    except MissingExtra as exc:
+        pytest.skip(f"needs timm: {exc.install}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import bench_timm
+    finally:
+        sys.path.pop(0)
+    rng = torch.get_rng_state()
+    row = bench_timm.compare_family("repvgg", "repvgg_a0", repeats=1, warmup=0,
+                                    max_seconds=1.0, size=64)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert row["ours_exact"] and row["ours_rel_diff"] < 1e-9 and row["timm_rel_diff"] < 1e-9
+    assert row["bn_unfused"] > 0 and row["bn_ours"] == 0 and row["bn_timm"] == 0
+    assert row["params_ours"] < row["params_unfused"] and row["params_timm"] < row["params_unfused"]
+    assert row["fp32_rel_diff_ours_vs_timm"] < 1e-4
+    assert row["eager_ratio"]["n"] == 1 and row["eager_ratio"]["median"] > 0
+    table = bench_timm.format_rows([row, {"family": "x", "model": "y", "error": "boom"}], False)
+    assert "repvgg_a0" in table and "error: boom" in table
