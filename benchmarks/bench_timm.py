@@ -105,12 +105,16 @@ def build_timm(name: str, seed: int = SEED) -> tuple[nn.Module, tuple[int, ...]]
 
 
 def timm_reparameterize(model: nn.Module) -> tuple[nn.Module, float]:
-    """timm's own reparameterization of a copy of `model`, and the seconds it took."""
+    """timm's own reparameterization of a copy of `model`, and the seconds it took.
+
+    (The new modules it builds draw their initial weights from the global RNG before being
+    overwritten; the RNG's state is restored.)
+    """
     timm_module()
     from timm.utils.model import reparameterize_model
 
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         deployed = reparameterize_model(model, inplace=False)
     return deployed.eval(), time.perf_counter() - start
 

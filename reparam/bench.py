@@ -549,7 +549,9 @@ def benchmark(model: nn.Module, example_input: torch.Tensor, *, name: str | None
                          f" {tuple(example_input.shape)}")
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
-    with num_threads(threads) as used_threads, eval_mode(model):
+    # fork_rng: nothing below should draw from the global RNG, and this guarantees it
+    with num_threads(threads) as used_threads, eval_mode(model), \
+            torch.random.fork_rng(devices=[]):
         # The unfused model as timed: the caller's module unless a device, dtype or memory
         # format change needs a copy (the caller's module is never moved or converted).
         needs_copy = channels_last or any(
