@@ -452,28 +452,25 @@ def onnx_op_profile(path: str | os.PathLike, x: torch.Tensor, *, threads: int = 
     counted) and sums the kernel times of each operator type, as ONNX Runtime executes them
     (after its graph optimizations, so fused kernels such as `FusedConv` appear as such).
     """
+    warmup = max(1, warmup)  # the first run of a session includes one-off work
     with tempfile.TemporaryDirectory(prefix="reparam-ort-profile-") as folder:
         session = onnx_session(path, threads, profile_prefix=str(Path(folder) / "profile"))
         run = _onnx_runner(session, x)
-        for _ in range(warmup):
+        for _ in range(warmup + runs):
             run()
-        session.end_profiling()  # the warm-up goes to a file of its own, not read
-        session = onnx_session(path, threads, profile_prefix=str(Path(folder) / "timed"))
-        run = _onnx_runner(session, x)
-        run()  # the first run of a session includes one-off work; the profile skips it below
-        for _ in range(runs):
-            run()
-        profile = session.end_profiling()
-        with open(profile, encoding="utf-8") as f:
+        with open(session.end_profiling(), encoding="utf-8") as f:
             events = json.load(f)
     per_run: dict[str, list[float]] = {}
     nodes: dict[str, set] = {}
-    model_runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else -1
+    model_runs = sorted((e for e in events
+                         if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e["ts"])
+    warm = model_runs[warmup - 1] if len(model_runs) >= warmup else None
+    warm_end = warm["ts"] + warm["dur"] if warm else -1
     for event in events:
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
             continue
-        if event.get("ts", 0) <= first_end:
+        if event.get("ts", 0) <= warm_end:
             continue
         op = event.get("args", {}).get("op_name", "?")
         per_run.setdefault(op, []).append(event.get("dur", 0) / 1e3)
