@@ -190,7 +190,8 @@ def time_paired(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = D
 
     Each round calls every candidate once, the order alternating (reversed every other round).
     `warmup` rounds are run first and not recorded. `max_seconds` ends the timed rounds early
-    once that much time has passed (never before `min_rounds` rounds). `sync` is called before
+    once that much time has passed (never before `min_rounds` rounds), and the warm-up likewise
+    (never before one round). `sync` is called before
     and after each timed call (e.g. `torch.cuda.synchronize`). `progress(done, total)` is called
     after each round.
     """
@@ -200,9 +201,12 @@ def time_paired(candidates: Mapping[str, Callable[[], Any]], *, repeats: int = D
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     names = list(candidates)
     wait = sync or (lambda: None)
+    start = time.perf_counter()
     for r in range(max(0, warmup)):
         for name in (names if r % 2 == 0 else names[::-1]):
             candidates[name]()
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break  # on a very slow machine the warm-up shares the budget (one round at least)
     wait()
     samples: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
