@@ -330,6 +330,7 @@ def section_onnx_target(st: Settings, threads: int) -> tuple[str, dict]:
 
 
 def _profile_table(profiles: dict) -> str:
+    profiles = {{"ours": "reparam"}.get(k, k): v for k, v in profiles.items()}
     labels = list(profiles)
     ops = sorted({op for p in profiles.values() for op in p},
                  key=lambda op: -max(p.get(op, {}).get("ms", 0.0) for p in profiles.values()))
