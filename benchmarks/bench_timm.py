@@ -322,6 +322,13 @@ def run(families: dict, *, repeats: int, warmup: int, max_seconds: float, onnx: 
                    "error": f"{type(exc).__name__}: {first_line(exc)[:160]}"}
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
+        if progress:
+            outcome = (f"failed: {row['error']}" if row.get("error") else
+                       f"exact {'yes' if row['ours_exact'] else 'NO'}, params"
+                       f" {_delta(row['params_ours'], row['params_timm'])} vs timm, BatchNorms"
+                       f" {row['bn_ours']} vs {row['bn_timm']}, eager ours/timm"
+                       f" {row['eager_ratio']['median']:.3f}")
+            progress(f"{family}: {outcome} ({row['seconds']:.0f} s)")
     return rows
 
 
