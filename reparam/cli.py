@@ -1,4 +1,4 @@
-"""The `reparam` command line: export, explain, list.
+"""The `reparam` command line: export, explain, list, bench.
 
     python -m reparam.cli export fastvit_t12 --weights fastvit_t12.pth.tar   # -> fastvit_t12.onnx
     python -m reparam.cli export mypkg.nets:build --input-shape 1,3,224,224 --format pt2
@@ -6,6 +6,7 @@
     python -m reparam.cli export fastvit_t12 --format coreml                 # .mlpackage
     python -m reparam.cli explain fastvit_t8
     python -m reparam.cli list
+    python -m reparam.cli bench fastvit_t12 --batch-size 1 8 --json t12.json
 
 This module only parses arguments, prints and chooses exit codes; models are built by
 `reparam.resolve` and written by `reparam.export`. Exit codes: 0 success, 1 a check or the export
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", parents=[common], help="list the registered models",
                    description="List the registered models with their parameter counts (training"
                    " form) and default input sizes.")
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub, parents=[common, model_args])
     return parser
 
 
@@ -262,7 +266,13 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"export": cmd_export, "explain": cmd_explain, "list": cmd_list}
+def cmd_bench(args) -> int:
+    from .bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+_COMMANDS = {"export": cmd_export, "explain": cmd_explain, "list": cmd_list, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
