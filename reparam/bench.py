@@ -743,8 +743,11 @@ def _executorch_rows(unfused, fused, batch_sizes, batch_input, threads, device, 
                 for b in batch_sizes]
     with api.quiet():
         runtime = optional.require("executorch.runtime", "reparam bench --runtime executorch")
-        pool = optional.require("executorch.extension.pybindings.portable_lib",
-                                "reparam bench --runtime executorch")
+        try:  # where the thread pool is set; without it ExecuTorch keeps its own
+            pool = optional.require("executorch.extension.pybindings.portable_lib",
+                                    "reparam bench --runtime executorch")
+        except optional.MissingExtra:
+            pool = None
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="reparam-bench-") as folder, \
             _executorch_threads(pool, threads, result, api.quiet):
@@ -756,14 +759,16 @@ def _executorch_rows(unfused, fused, batch_sizes, batch_input, threads, device, 
                 path = Path(folder) / f"{label}-batch{batch}.pte"
                 plain = module.to(memory_format=torch.contiguous_format) \
                     if result.channels_last else module
+                step = "lowering"
                 try:
                     written = pte.write(plain, x, path)
+                    step = "loading"
                     with api.quiet():
                         methods[label] = runtime.Runtime.get().load_program(
                             str(path)).load_method("forward")
                 except Exception as exc:
                     methods = None
-                    rows.append(Row("executorch", batch, error=f"ExecuTorch lowering of the"
+                    rows.append(Row("executorch", batch, error=f"ExecuTorch {step} of the"
                                     f" {label} model failed: {first_line(exc)[:300]}"))
                     break
                 finally:
@@ -791,7 +796,7 @@ def _executorch_threads(pool, threads: int, result: BenchResult, quiet) -> Itera
     reset = getattr(pool, "_unsafe_reset_threadpool", None)
     count = getattr(pool, "_threadpool_get_thread_count", None)
     saved = None
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), quiet():  # the first call starts the pool, logging
         saved = int(count()) if count is not None else None
     changed = False
     if reset is not None and saved is not None and saved != threads:
