@@ -24,6 +24,11 @@ Runtimes:
   BatchNorm into the convolution right before it, so the unfused baseline is not a straw man.
 - `compile`: `torch.compile` of each model (default inductor backend). Where it does not work on
   the machine (no C++ compiler, an unsupported operator), the row carries the reason instead.
+- `executorch`: both models lowered to ExecuTorch programs with the XNNPACK backend (the writer
+  of `reparam export --format pte`) in a temporary folder, one pair of programs per batch size
+  (ExecuTorch plans memory for fixed shapes), run by the ExecuTorch runtime with its thread pool
+  set to `threads`. CPU and float32 only. Without executorch installed the rows name the extra
+  to install (`pip install "reparam[executorch]"`); where lowering fails, the row gives the reason.
 
 Nothing here changes the caller's model (its `training` flags are restored; channels-last runs use
 copies) or the global random number generator (inputs come from a local `torch.Generator`).
@@ -72,7 +77,7 @@ __all__ = [
     "run_bench_command",
 ]
 
-RUNTIMES = ("eager", "onnxruntime", "compile")
+RUNTIMES = ("eager", "onnxruntime", "compile", "executorch")
 DEFAULT_RUNTIMES = ("eager", "onnxruntime")
 DEFAULT_BATCH_SIZES = (1,)
 DEFAULT_REPEATS = 50  # timed rounds per (runtime, batch), unless max_seconds ends them sooner
@@ -416,6 +421,10 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
         info["onnxruntime"] = onnxruntime.__version__
     with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        info["executorch"] = version("executorch")
+    with contextlib.suppress(Exception):
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -522,9 +531,9 @@ def benchmark(model: nn.Module, example_input: torch.Tensor, *, name: str | None
     """Fuse `model` (verified) and time it unfused and fused, interleaved, per runtime and batch.
 
     example_input: one tensor, batch axis first; `batch_sizes` replace its batch axis (default:
-    its own batch size). runtimes: any of "eager", "onnxruntime", "compile". device/dtype: where
-    and in which precision to run (default: the model's); ONNX Runtime rows run on CPU in
-    float32 only. fused: an already fused model to time instead of fusing here. onnx_profile:
+    its own batch size). runtimes: any of "eager", "onnxruntime", "compile", "executorch".
+    device/dtype: where and in which precision to run (default: the model's); ONNX Runtime and
+    ExecuTorch rows run on CPU in float32 only. fused: an already fused model to time instead of fusing here. onnx_profile:
     with the onnxruntime runtime, also profile both files (`onnx_op_profile`, first batch size).
     Returns a BenchResult; cells that could not be measured carry the reason in `Row.error`.
     """
@@ -613,6 +622,11 @@ def benchmark(model: nn.Module, example_input: torch.Tensor, *, name: str | None
             if runtime == "compile":
                 result.rows.extend(_compile_rows(unfused, fused, batch_sizes, batch_input,
                                                  timed, say))
+                continue
+            if runtime == "executorch":
+                result.rows.extend(_executorch_rows(unfused, fused, batch_sizes, batch_input,
+                                                    used_threads, device, dtype, timed, result,
+                                                    say))
                 continue
             for batch in batch_sizes:
                 x = batch_input(batch)
@@ -709,6 +723,102 @@ def _compile_rows(unfused, fused, batch_sizes, batch_input, timed, say) -> list[
     return rows
 
 
+def _executorch_rows(unfused, fused, batch_sizes, batch_input, threads, device, dtype, timed,
+                     result: BenchResult, say) -> list[Row]:
+    """Both models lowered to XNNPACK by `reparam.export.executorch.write`, one program per batch
+    size, loaded with the ExecuTorch runtime as its `check` does, and timed paired."""
+    if device.type != "cpu" or dtype != torch.float32:
+        why = "ExecuTorch rows run on CPU in float32 only"
+        return [Row("executorch", b, error=why) for b in batch_sizes]
+    from . import optional
+    from .export import executorch as pte
+
+    api = _export_api()
+    try:
+        with api.quiet():  # importing executorch prints library chatter
+            for module in pte.REQUIRES:
+                optional.require(module, "reparam bench --runtime executorch")
+    except optional.MissingExtra as exc:
+        return [Row("executorch", b, error=f"ExecuTorch is not installed ({exc.install})")
+                for b in batch_sizes]
+    with api.quiet():
+        runtime = optional.require("executorch.runtime", "reparam bench --runtime executorch")
+        try:  # where the thread pool is set; without it ExecuTorch keeps its own
+            pool = optional.require("executorch.extension.pybindings.portable_lib",
+                                    "reparam bench --runtime executorch")
+        except optional.MissingExtra:
+            pool = None
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="reparam-bench-") as folder, \
+            _executorch_threads(pool, threads, result, api.quiet):
+        for batch in batch_sizes:
+            x = batch_input(batch).contiguous()
+            methods = {}
+            for label, module in (("unfused", unfused), ("fused", fused)):
+                say(f"lowering the {label} model to ExecuTorch (XNNPACK), batch {batch}")
+                path = Path(folder) / f"{label}-batch{batch}.pte"
+                plain = module.to(memory_format=torch.contiguous_format) \
+                    if result.channels_last else module
+                step = "lowering"
+                try:
+                    written = pte.write(plain, x, path)
+                    step = "loading"
+                    with api.quiet():
+                        methods[label] = runtime.Runtime.get().load_program(
+                            str(path)).load_method("forward")
+                except Exception as exc:
+                    methods = None
+                    rows.append(Row("executorch", batch, error=f"ExecuTorch {step} of the"
+                                    f" {label} model failed: {first_line(exc)[:300]}"))
+                    break
+                finally:
+                    if result.channels_last:
+                        module.to(memory_format=torch.channels_last)
+                if batch == batch_sizes[0]:
+                    result.notes.extend(f"executorch, {label} model: {d}"
+                                        for d in written.details)
+            if methods is None:
+                continue
+            try:
+                rows.append(timed("executorch", batch, {
+                    label: _executorch_runner(m, x) for label, m in methods.items()}))
+            except Exception as exc:
+                rows.append(Row("executorch", batch, error=f"the ExecuTorch runtime failed:"
+                                f" {type(exc).__name__}: {first_line(exc)[:300]}"))
+    return rows
+
+
+@contextlib.contextmanager
+def _executorch_threads(pool, threads: int, result: BenchResult, quiet) -> Iterator[None]:
+    """ExecuTorch's thread pool (XNNPACK's threads) set to `threads` for the block, restored
+    after. The runtime offers this only as an experimental call: if it is missing, a note says
+    how many threads ExecuTorch used."""
+    reset = getattr(pool, "_unsafe_reset_threadpool", None)
+    count = getattr(pool, "_threadpool_get_thread_count", None)
+    saved = None
+    with contextlib.suppress(Exception), quiet():  # the first call starts the pool, logging
+        saved = int(count()) if count is not None else None
+    changed = False
+    if reset is not None and saved is not None and saved != threads:
+        with contextlib.suppress(Exception), quiet():  # the runtime logs each reset
+            reset(threads)
+            changed = True
+    if not changed and saved is not None and saved != threads:
+        result.notes.append(f"executorch ran with its own thread pool of {saved} threads,"
+                            f" not {threads}")
+    try:
+        yield
+    finally:
+        if changed:
+            with contextlib.suppress(Exception), quiet():
+                reset(saved)
+
+
+def _executorch_runner(method, x: torch.Tensor) -> Callable[[], Any]:
+    inputs = [x.detach()]
+    return lambda: method.execute(inputs)
+
+
 # --------------------------------------------------------------------------------------------
 # Command line: `reparam bench`
 # --------------------------------------------------------------------------------------------
@@ -721,6 +831,7 @@ of the timed rounds with its 10th-90th percentiles, and the ratio fused/unfused 
 examples:
   reparam bench fastvit_t12
   reparam bench fastvit_t12 --batch-size 1 8 --runtime eager,onnxruntime,compile --json t12.json
+  reparam bench mobileone_s0 --runtime eager,executorch
   reparam bench mynets:build_net --input-shape 1,3,224,224 --threads 4 --channels-last
 """
 
@@ -771,7 +882,8 @@ def add_bench_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
     """
     p = subparsers.add_parser(
         "bench", parents=list(parents),
-        help="time a model unfused and fused (eager, ONNX Runtime, torch.compile)",
+        help="time a model unfused and fused (eager, ONNX Runtime, torch.compile,"
+             " ExecuTorch)",
         description="Fuse MODEL (verified), then time the unfused and the fused model\n"
                     "interleaved in one process for each runtime and batch size, and print\n"
                     "latencies, their ratio, and parameters, MACs, graph nodes and fuse() time.",
@@ -782,7 +894,8 @@ def add_bench_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
                    help="intra-op threads for PyTorch and ONNX Runtime (default: PyTorch's)")
     p.add_argument("--runtime", type=_runtime_list, default=list(DEFAULT_RUNTIMES),
                    metavar="LIST", help="comma-separated runtimes among eager, onnxruntime,"
-                   " compile (default: eager,onnxruntime)")
+                   " compile, executorch (ExecuTorch with XNNPACK, one program per batch size;"
+                   ' needs pip install "reparam[executorch]") (default: eager,onnxruntime)')
     p.add_argument("--channels-last", action="store_true",
                    help="run eager and compiled models in channels_last memory format")
     p.add_argument("--repeats", type=_positive(int), default=DEFAULT_REPEATS, metavar="N",

@@ -194,3 +194,74 @@ def test_bench_timm_row_on_one_family():
     assert row["eager_ratio"]["n"] == 1 and row["eager_ratio"]["median"] > 0
     table = bench_timm.format_rows([row, {"family": "x", "model": "y", "error": "boom"}], False)
     assert "repvgg_a0" in table and "error: boom" in table
+
+
+def test_bench_executorch_rows(cli_inproc, tmp_path):
+    """Both models lowered to XNNPACK per batch size, run by the ExecuTorch runtime, paired."""
+    from reparam.optional import MissingExtra, require
+
+    try:
+        require("executorch.runtime", "this test")
+    except MissingExtra as exc:
+        pytest.skip(f"needs executorch: {exc.install}")
+    result = cli_inproc("bench", "toy_models:rep_net", "--input-shape", SHAPE, "--batch-size",
+                        "1", "2", "--runtime", "executorch", "--threads", "1", *TINY,
+                        "--json", "out.json")
+    assert result.returncode == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no programs left behind
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["runtime"], r["batch"]) for r in data["rows"]] == [("executorch", 1),
+                                                                 ("executorch", 2)]
+    for row in data["rows"]:
+        assert row["error"] is None
+        for key in ("unfused_ms", "fused_ms", "ratio"):
+            _check_spread(row[key])
+    # the delegation summary of both programs: everything but the global mean runs in XNNPACK
+    notes = [n for n in data["notes"] if n.startswith("executorch")]
+    assert len(notes) == 2 and all("XNNPACK delegate" in n for n in notes), data["notes"]
+    assert data["machine"]["executorch"]
+    assert "executorch" in result.stdout and "Traceback" not in result.output
+
+
+def test_bench_executorch_missing_names_the_extra(monkeypatch):
+    import reparam.optional as optional
+
+    real = optional.require
+
+    def require(module, feature):
+        if module.split(".")[0] == "executorch":
+            raise optional.MissingExtra(module, feature, ModuleNotFoundError(module))
+        return real(module, feature)
+
+    monkeypatch.setattr(optional, "require", require)
+    result = bench.benchmark(toy_models.rep_net(), toy_models.example(1),
+                             runtimes=("executorch", "eager"), repeats=1, warmup=0,
+                             batch_sizes=(1, 2))
+    rows = [(r.runtime, r.batch, r.error) for r in result.rows if r.runtime == "executorch"]
+    assert rows == [("executorch", b, 'ExecuTorch is not installed (pip install'
+                     ' "reparam[executorch]")') for b in (1, 2)]
+    assert all(r.error is None for r in result.rows if r.runtime == "eager")
+    table = result.table()
+    assert "not measured: ExecuTorch is not installed" in table and "reparam[executorch]" in table
+
+
+def test_bench_executorch_lowering_failure_becomes_a_row(monkeypatch):
+    from reparam.export import core
+    from reparam.export import executorch as pte
+    from reparam.optional import MissingExtra, require
+
+    try:
+        require("executorch.runtime", "this test")
+    except MissingExtra as exc:
+        pytest.skip(f"needs executorch: {exc.install}")
+
+    def refuse(module, example, path, **options):
+        raise core.ExportError("ExecuTorch cannot export the operator aten.foo.default\nmore")
+
+    monkeypatch.setattr(pte, "write", refuse)
+    result = bench.benchmark(toy_models.rep_net(), toy_models.example(1),
+                             runtimes=("executorch",), repeats=1, warmup=0)
+    [row] = result.rows
+    assert row.ratio is None
+    assert row.error == ("ExecuTorch lowering of the unfused model failed: ExecuTorch cannot"
+                         " export the operator aten.foo.default")
