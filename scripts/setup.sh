@@ -21,7 +21,7 @@ if [ "${1:-}" = "--test" ]; then
     "${PIP[@]}" -e ".[onnx,test]" "torch==2.13.0" \
         "timm==1.0.31" "torchvision==0.28.0" \
         "executorch==1.5.1" "coremltools==9.0" \
-        "matplotlib==3.11.2"
+        "matplotlib==3.11.2" "pytest-xdist==3.8.0"
 else
     "${PIP[@]}" -e ".[onnx]" "torch==2.13.0"
 fi

@@ -11,6 +11,7 @@ and is read with tests/models/reference_data.py; every test runs from a fresh cl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (`-n auto`) every core already runs a worker: one intra-op thread each
+    # keeps them from oversubscribing the machine.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DATA = REPO_ROOT / "tests" / "data"
