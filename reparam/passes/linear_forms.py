@@ -410,9 +410,9 @@ class LinearFormPass:
         return replace(alt, form=replace(inner, op=affine.compose(op, inner.op), members=inner.members + (member,)))
 
     def _compose(self, op: AffineConv, form: Form, node, own_cost: float,
-                 own_macs: int) -> tuple[Form | None, str, bool | None]:
-        """`op` after `form`, or None and why. When refused for its cost alone, also the composed
-        form (third item True); the third item is None when the composition is accepted."""
+                 own_macs: int) -> tuple[Form | None, str, bool]:
+        """`op` after `form`: (composed form, "", False), or (None, why, False) when inexact, or
+        (composed form, why, True) when exact but refused for its cost alone."""
         if form.after:
             if op.is_per_channel:
                 # A per-channel map commutes with layout steps that keep the channel axis whole.
