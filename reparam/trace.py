@@ -157,9 +157,18 @@ class Constants:
 
     values: dict[torch.fx.Node, torch.Tensor] = field(default_factory=dict)
     unfolded: list[Unfolded] = field(default_factory=list)
+    # Parameters and buffers read as they are, in the model's dtype: their float64 copies are made
+    # on each read and live only as long as the algebra needs them (a whole model in float64 at
+    # once would double the memory `fuse` needs).
+    stored: dict[torch.fx.Node, torch.Tensor] = field(default_factory=dict)
 
     def get(self, node) -> torch.Tensor | None:
-        return self.values.get(node)
+        value = self.values.get(node)
+        if value is None:
+            value = self.stored.get(node)
+            if value is not None and value.is_floating_point():
+                value = value.double()
+        return value
 
 
 def fold_constants(gm: torch.fx.GraphModule) -> Constants:
@@ -179,7 +188,7 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
     updated = values_updated_in_place(gm, is_shape_query)
     consts = Constants()
     env: dict[torch.fx.Node, object] = {}
-    env64: dict[torch.fx.Node, object] = {}
+    env64 = _Float64Env(consts.stored)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "get_attr":
@@ -188,8 +197,7 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
             value = _fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 env[node] = value.detach()
-                env64[node] = value.detach().double() if value.is_floating_point() else value.detach()
-                consts.values[node] = env64[node]
+                consts.stored[node] = value.detach()
             continue
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -230,7 +238,20 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
         remove_dead_nodes(gm)
     alive = set(gm.graph.nodes)  # constants whose nodes were removed as dead code are dropped
     consts.values = {n: v for n, v in consts.values.items() if n in alive}
+    consts.stored = {n: v for n, v in consts.stored.items() if n in alive}
     return consts
+
+
+class _Float64Env(dict):
+    """Values of computed constants in float64; parameters and buffers are converted on each read."""
+
+    def __init__(self, stored: dict):
+        super().__init__()
+        self.stored = stored
+
+    def __missing__(self, node):
+        value = self.stored[node]
+        return value.double() if value.is_floating_point() else value
 
 
 def _fetch_attr(gm: nn.Module, target: str):

@@ -156,6 +156,37 @@ def is_metadata_read(user: torch.fx.Node, value: torch.fx.Node) -> bool:
     return False
 
 
+def _narrowed(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 when that holds it exactly (a weight copied from a float32 model), else `t`."""
+    if t.dtype != torch.float64:
+        return t
+    narrow = t.to(torch.float32)
+    return narrow if torch.equal(narrow.double(), t) else t
+
+
+class _FormStore(dict):
+    """Forms by node. A form's float64 weights are stored in float32 when that is exact (most
+    forms are single operations of a float32 model, not yet combined) and read back in float64:
+    the algebra sees the same values, and the pass holds no float64 copy of the whole model."""
+
+    def __setitem__(self, node, form: Form) -> None:
+        op = form.op
+        weight, bias = _narrowed(op.weight), _narrowed(op.bias)
+        if weight is not op.weight or bias is not op.bias:
+            form = replace(form, op=replace(op, weight=weight, bias=bias))
+        super().__setitem__(node, form)
+
+    def __getitem__(self, node) -> Form:
+        form = super().__getitem__(node)
+        op = form.op
+        if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
+            return form
+        return replace(form, op=replace(op, weight=op.weight.double(), bias=op.bias.double()))
+
+    def get(self, node, default=None):
+        return self[node] if node in self else default
+
+
 class LinearFormPass:
     """Computes forms for every node; the result drives `lower.lower_forms`."""
 
@@ -164,7 +195,7 @@ class LinearFormPass:
         self.cost = cost
         self._classifier = Classifier(gm, consts)
         self._rules: dict[torch.fx.Node, LinearOp | None] = {}
-        self.forms: dict[torch.fx.Node, Form] = {}
+        self.forms: dict[torch.fx.Node, Form] = _FormStore()
         self.absorbed: set[torch.fx.Node] = set()
         self.rewire: dict[torch.fx.Node, torch.fx.Node] = {}  # metadata read -> node it now reads
         # Metadata reads of absorbed nodes that a later (materialized) node of equal shape serves.
@@ -193,14 +224,45 @@ class LinearFormPass:
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> "LinearFormPass":
+        unvisited: dict[torch.fx.Node, int] = {}  # users of a node not visited yet
         for node in self.gm.graph.nodes:
             rule = self.classify(node)
-            if rule is None:
-                continue
-            form = self._visitors[rule.kind](node, rule)
-            if form is not None:
-                self.forms[node] = form
+            if rule is not None:
+                form = self._visitors[rule.kind](node, rule)
+                if form is not None:
+                    self.forms[node] = form
+            # Nothing reads a visited node's rule again, nor the form of an input it absorbed:
+            # dropping them keeps only the float64 weights still needed (not the whole model's).
+            self._rules.pop(node, None)
+            for x in node.all_input_nodes:
+                if x in self.absorbed:
+                    self.forms.pop(x, None)
+                    continue
+                left = unvisited.get(x, len(x.users)) - 1
+                unvisited[x] = left
+                if left == 0:
+                    self._final(x)
         return self
+
+    def _final(self, node: torch.fx.Node) -> None:
+        """`node`'s form will be lowered as it is: keep its weights in the dtype of the module it
+        becomes (the cast lowering makes anyway) instead of float64.
+
+        Only when every user is visited and none absorbed (a consumer further on may look through
+        an absorbed user at this form), and when the cast changes nothing lowering decides."""
+        form = dict.get(self.forms, node)
+        dtype = dtype_of(node)
+        if (form is None or dtype is None or not dtype.is_floating_point or dtype == torch.float64
+                or any(u in self.absorbed for u in node.users)):
+            return
+        op = self.forms[node].op
+        weight, bias = op.weight.to(dtype), op.bias.to(dtype)
+        if weight.dtype == op.weight.dtype and bias.dtype == op.bias.dtype:
+            return
+        cast = replace(op, weight=weight, bias=bias)
+        if op.is_identity or cast.is_identity or bool(op.bias.any()) != bool(bias.any()):
+            return
+        dict.__setitem__(self.forms, node, replace(form, op=cast))
 
     def refuse(self, where: str, reason: str) -> RefusalRecord:
         record = RefusalRecord(where, reason)

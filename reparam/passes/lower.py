@@ -141,6 +141,9 @@ class _Lowering:
             else:
                 with self.graph.inserting_before(node):
                     value = self.emit(form, node)
+            # The float64 form is not read again: free it now its module holds the cast weights.
+            forms.forms.pop(node, None)
+            forms.sum_parts.pop(node, None)
             self.replaced[node] = value
             self._serve_reads(node, value)
             if value is not node:
