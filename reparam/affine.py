@@ -568,22 +568,10 @@ class CostModel:
 DEFAULT_COST = CostModel()
 
 
-def geometry_key(op: AffineConv):
+def _geometry_key(op: AffineConv):
     """Branches with equal keys always merge: their sum has the same kernel as each of them."""
     return (op.kernel_size, op.stride, op.padding, op.dilation, op.padding_mode if op.has_padding else "zeros",
             op.nd)
-
-
-def joins_for_free(peers: list[AffineConv], op: AffineConv) -> bool:
-    """Does `op` add nothing to the cost of `sum(peers)`? True when it has the geometry of the
-    peers (so `partition_sum` always merges it with them), the sum stays exact, and the merged
-    operator has the same groups and kernel as without it (a depthwise 3x3 joining a dense 3x3)."""
-    if not peers or any(geometry_key(p) != geometry_key(op) for p in peers):
-        return False
-    if (len(peers) > 1 and sum_refusal(peers)) or sum_refusal(peers + [op]):
-        return False
-    alone = add(peers) if len(peers) > 1 else peers[0]
-    return add(peers + [op]).cost <= alone.cost
 
 
 def _set_partitions(items: list):
@@ -612,7 +600,7 @@ def partition_sum(ops: list[AffineConv], op_cost, join_cost: float) -> tuple[lis
     """
     classes: dict = {}
     for i, op in enumerate(ops):
-        classes.setdefault(geometry_key(op), []).append(i)
+        classes.setdefault(_geometry_key(op), []).append(i)
     blocks = [classes[k] for k in sorted(classes, key=repr)]  # ties break alike in any order
     cache: dict[tuple, float] = {}
 

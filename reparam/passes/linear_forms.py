@@ -11,12 +11,6 @@ and nesting they were written in) are grouped by source, then partitioned by geo
 cheapest set of fused operators (`affine.partition_sum`). Channel-wise groups are judged by the
 latency estimate of `affine.CostModel`, groups that mix channels by multiply-accumulates.
 
-A composition refused only for its cost (a 1x1 conv before an average pool costs more MACs as one
-3x3 conv than as its parts) is refused where it is met, but the form keeps the composed operator
-as its `alternative`. The sum it may end in has the information that composition lacked: when
-the composed operator joins a group of the same geometry at no extra cost (DBB's 1x1 -> avg-pool
-branch beside a dense 3x3), the sum takes it and the refusal is withdrawn; otherwise it stands.
-
 Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
 are not uses: when a value disappears into a fused operator, its readers read a value with the
 same metadata instead (the source, or the value that absorbs it), moved after that value if
@@ -70,8 +64,6 @@ class Form:
     # Layout steps of `after` that read the shape of an absorbed node whose metadata is that of
     # `op`'s output: (reader, node read). They forbid moving `op` behind the layout steps.
     shape_refs: tuple[tuple[torch.fx.Node, torch.fx.Node], ...] = ()
-    # The composition refused for its cost alone, kept for a sum that may absorb it for free.
-    alternative: Alternative | None = None
 
     @property
     def has_layout(self) -> bool:
@@ -83,22 +75,10 @@ class Form:
         return self.n_ops > 1
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class RefusalRecord:
     where: str
     reason: str
-
-
-@dataclass(frozen=True, eq=False)
-class Alternative:
-    """A form composed across a refusal for cost: valid if `absorbs` (node, consumer) are absorbed.
-
-    `refusal` is the record to withdraw when a sum takes the alternative.
-    """
-
-    form: Form
-    absorbs: tuple[tuple[torch.fx.Node, torch.fx.Node], ...]
-    refusal: RefusalRecord
 
 
 @dataclass(frozen=True)
@@ -264,10 +244,8 @@ class LinearFormPass:
             return
         dict.__setitem__(self.forms, node, replace(form, op=cast))
 
-    def refuse(self, where: str, reason: str) -> RefusalRecord:
-        record = RefusalRecord(where, reason)
-        self.refusals.append(record)
-        return record
+    def refuse(self, where: str, reason: str) -> None:
+        self.refusals.append(RefusalRecord(where, reason))
 
     # -- costs -------------------------------------------------------------------------------
     def op_cost(self, op: AffineConv, source: torch.fx.Node, out_shape, axis: int) -> float:
@@ -392,10 +370,7 @@ class LinearFormPass:
             return None
         if owned:
             self.absorb(x, node)
-            alternative = form.alternative and replace(
-                form.alternative, form=replace(form.alternative.form,
-                                               members=form.alternative.form.members + (rule.member,)))
-            return replace(form, members=form.members + (rule.member,), origin=None, alternative=alternative)
+            return replace(form, members=form.members + (rule.member,), origin=None)
         return replace(form, members=(rule.member,))
 
     def _visit_scale(self, node, rule: LinearOp) -> Form | None:
@@ -439,57 +414,36 @@ class LinearFormPass:
         form, owned = self.input_form(x, axis, node)
         if form is None:
             return None
-        alternative = None
         if owned:
-            combined, reason, cost_only = self._compose(op, form, node, own_cost, own_macs)
-            refusal = None if combined is not None and not cost_only else \
-                self.refuse(", ".join(form.members + (member,)), reason)
+            combined, reason = self._compose(op, form, node, own_cost, own_macs)
             if combined is not None:
-                combined = replace(combined, members=form.members + (member,), parts_cost=form.parts_cost + own_cost,
-                                   parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1,
-                                   alternative=None)
-                if refusal is None:
-                    self.absorb(x, node)
-                    return replace(combined, alternative=self._extend_alternative(op, form, member))
-                if not combined.has_layout:
-                    alternative = Alternative(combined, ((x, node),), refusal)
+                self.absorb(x, node)
+                return replace(combined, members=form.members + (member,), parts_cost=form.parts_cost + own_cost,
+                               parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1)
+            self.refuse(", ".join(form.members + (member,)), reason)
         elif x in self.forms and len(self._real_users(x)) == 1:
             problem = self._carrier_problem(x, node)
             if problem:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
         return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
-                    origin=node, n_ops=1, alternative=alternative)
+                    origin=node, n_ops=1)
 
-    def _extend_alternative(self, op: AffineConv, form: Form, member: str) -> Alternative | None:
-        """`form`'s alternative carried through `node = op(x)`, for per-channel maps only (a BatchNorm
-        after the pool): they never change what the alternative costs."""
-        alt = form.alternative
-        if alt is None or not op.is_per_channel or alt.form.after or form.after:
-            return None
-        inner = alt.form
-        if affine.compose_refusal(op, inner.op):
-            return None
-        return replace(alt, form=replace(inner, op=affine.compose(op, inner.op), members=inner.members + (member,)))
-
-    def _compose(self, op: AffineConv, form: Form, node, own_cost: float,
-                 own_macs: int) -> tuple[Form | None, str, bool]:
-        """`op` after `form`: (composed form, "", False), or (None, why, False) when inexact, or
-        (composed form, why, True) when exact but refused for its cost alone."""
+    def _compose(self, op: AffineConv, form: Form, node, own_cost: float, own_macs: int) -> tuple[Form | None, str]:
         if form.after:
             if op.is_per_channel:
                 # A per-channel map commutes with layout steps that keep the channel axis whole.
                 inner = at_layout(op, form.op_ndim, form.op_axis)
                 reason = affine.compose_refusal(inner, form.op)
                 if reason:
-                    return None, reason, False
-                return replace(form, op=affine.compose(inner, form.op)), "", False
+                    return None, reason
+                return replace(form, op=affine.compose(inner, form.op)), ""
             moved = self._move_after_before(form)
             if moved is None:
-                return None, "a layout change between the two operators cannot be moved before the first", False
+                return None, "a layout change between the two operators cannot be moved before the first"
             form = moved
         reason = affine.compose_refusal(op, form.op)
         if reason:
-            return None, reason, False
+            return None, reason
         shape = shape_of(node)
         axis = form.axis
         npos = positions(shape, axis)
@@ -499,13 +453,12 @@ class LinearFormPass:
         parts, parts_macs = form.parts_cost + own_cost, form.parts_macs + own_macs
         figures = (f"{_ns(fused_cost)} and {fused_macs:,} MACs against {_ns(parts)} and {parts_macs:,} MACs "
                    "for the parts")
-        composed = replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape))
         if _memory_bound([op, form.op]):
             if fused_cost > parts:
-                return composed, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)", True
+                return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)"
         elif fused_macs > parts_macs:
-            return composed, f"not cheaper: one {fused.describe()} would need {figures}", True
-        return composed, "", False
+            return None, f"not cheaper: one {fused.describe()} would need {figures}"
+        return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), ""
 
     def _move_after_before(self, form: Form) -> Form | None:
         """Apply `op` after the layout steps instead of before them (pointwise ops only)."""
@@ -567,12 +520,6 @@ class LinearFormPass:
         """Group the branches of a complete sum into the cheapest set of fused operators."""
         out_shape = shape_of(node)
         joins = self.join_cost(node)
-        terms, added = self._take_free_alternatives(terms)
-        for t in terms:  # name the operations a branch now adds before the branch's own
-            if t.node in added:
-                own = [m for m in t.form.members if m not in added[t.node] and m in members]
-                at = members.index(own[0]) if own else len(members)
-                members = members[:at] + added[t.node] + members[at:]
         groups: dict[tuple, list[Term]] = {}
         for t in terms:
             groups.setdefault(_space_key(t.form), []).append(t)
@@ -612,38 +559,13 @@ class LinearFormPass:
                 form = replace(chosen[0].form, op=fused, origin=None, parts_cost=parts_cost,
                                parts_macs=sum(t.form.parts_macs for t in chosen),
                                n_ops=sum(t.form.n_ops for t in chosen) + len(chosen) - 1,
-                               members=tuple(m for t in chosen for m in t.form.members), alternative=None)
+                               members=tuple(m for t in chosen for m in t.form.members))
                 parts.append(SumPart(1.0, form=form))
         if len(parts) == 1 and parts[0].form is not None:
             return self._through_shared_source(node, terms, replace(parts[0].form, members=members))
         if any(p.form is not None for p in parts):
             self.sum_parts[node] = parts
         return None
-
-    def _take_free_alternatives(self, terms: list[Term]) -> tuple[list[Term], dict[torch.fx.Node, tuple[str, ...]]]:
-        """Branches refused a composition for its cost alone take it after all when the composed
-        operator merges into other branches of the same geometry at no extra cost: a 1x1 -> avg-pool
-        branch beside a dense 3x3 (DBB) adds nothing to the 3x3 it joins. Their refusal is withdrawn.
-        Returns the terms and, per branch that took its alternative, the operations it now adds."""
-        taken, added = list(terms), {}
-        for i, t in enumerate(terms):
-            alt = t.form.alternative
-            if alt is None or not t.owned or any(not self.absorbable(n, c) for n, c in alt.absorbs):
-                continue
-            op = alt.form.op if t.sign == 1.0 else affine.scaled(alt.form.op, t.sign)
-            key, geometry = _space_key(alt.form), affine.geometry_key(op)
-            peers = [u.form.op if u.sign == 1.0 else affine.scaled(u.form.op, u.sign)
-                     for j, u in enumerate(taken)
-                     if j != i and u.form.op is not None and _space_key(u.form) == key
-                     and affine.geometry_key(u.form.op) == geometry]
-            if not affine.joins_for_free(peers, op):
-                continue  # the refusal stands
-            for n, consumer in alt.absorbs:
-                self.absorb(n, consumer)
-            self.refusals.remove(alt.refusal)
-            taken[i] = replace(t, form=replace(alt.form, alternative=None))
-            added[t.node] = tuple(m for m in alt.form.members if m not in t.form.members)
-        return taken, added
 
     def _through_shared_source(self, node, terms: list[Term], form: Form) -> Form:
         """Branches that all read one linear value `s` (`a(s) + b(s)`, RepGhost's `cheap(s) +
@@ -663,14 +585,13 @@ class LinearFormPass:
         shape = shape_of(node)
         own_cost = self.op_cost(form.op, source, shape, form.axis)
         own_macs = form.op.cost * positions(shape, form.axis)
-        combined, reason, cost_only = self._compose(form.op, inner, node, own_cost, own_macs)
-        if combined is None or cost_only:
+        combined, reason = self._compose(form.op, inner, node, own_cost, own_macs)
+        if combined is None:
             self.refuse(", ".join(inner.members + form.members), reason)
             return form
         self.absorb(source, node)
         return replace(combined, members=inner.members + form.members, parts_cost=inner.parts_cost + form.parts_cost,
-                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops,
-                       alternative=None)
+                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops)
 
     def _as_part(self, t: Term) -> SumPart:
         return SumPart(t.sign, node=t.node)
@@ -742,7 +663,7 @@ class LinearFormPass:
         self.absorb(x, node)
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
-                       origin=None, shape_refs=refs, alternative=None)
+                       origin=None, shape_refs=refs)
 
 
 def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
