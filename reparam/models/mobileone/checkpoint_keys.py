@@ -16,33 +16,21 @@ The original release (apple/ml-mobileone) numbers stages from the stem:
 
 from __future__ import annotations
 
-import re
+from ..common import release_stage_naming, release_stage_parts
 
 APPLE = "apple"  # apple/ml-mobileone
 TIMM = "timm"
 
 _SEGMENTS = {"rbr_conv": "conv_kxk", "rbr_scale": "conv_scale", "rbr_skip": "identity"}
 _SE = {"reduce": "fc1", "expand": "fc2"}
-_STAGE = re.compile(r"^stage(\d+)$")
 
 
 def detect_naming(keys) -> str | None:
-    keys = list(keys)
-    if any(k.startswith(("stem.", "stages.")) for k in keys):
-        return TIMM
-    if any(k.startswith(("stage0.", "stage1.", "linear.")) for k in keys):
-        return APPLE
-    return None
+    return release_stage_naming(keys, APPLE)
 
 
 def apple_key_to_ours(key: str) -> str:
-    parts = key.split(".")
-    m = _STAGE.match(parts[0])
-    if m:
-        s = int(m.group(1))
-        parts = ["stem"] + parts[1:] if s == 0 else ["stages", str(s - 1)] + parts[1:]
-    elif parts[0] == "linear":
-        parts = ["head", "fc"] + parts[1:]
+    parts = release_stage_parts(key.split("."))
     out = []
     for i, p in enumerate(parts):
         if p in _SEGMENTS:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...nn import Identity, MobileOneBlock
-from ..common import ClassifierHead
+from ...nn import MobileOneBlock
+from ..common import StemStagesClassifier
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class MobileOneStage(nn.Sequential):
         super().__init__(*blocks)
 
 
-class MobileOne(nn.Module):
+class MobileOne(StemStagesClassifier):
     """MobileOne, from Vasu, Gabriel, Zhu, Tuzel and Ranjan, "MobileOne: An Improved One
     millisecond Mobile Backbone", CVPR 2023 (arXiv:2206.04040).
 
@@ -97,33 +97,4 @@ class MobileOne(nn.Module):
             stages.append(MobileOneStage(cfg, i, in_chs))
             in_chs = cfg.widths[i]
         self.stages = nn.Sequential(*stages)
-        #: channels and output stride of each stage's feature map
-        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, c in enumerate(cfg.widths)]
-        self.num_features = cfg.widths[-1]
-        if cfg.features_only:
-            self.head = Identity()
-            self.head_key_prefixes = ("head.",)  # checkpoint prefixes this model does not use
-        else:
-            self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
-            self.head_key_prefixes = ("head.fc.",)
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of each stage, at strides 4, 8, 16 and 32."""
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            return self.forward_intermediates(x)
-        return self.forward_head(self.forward_features(x))
+        self._init_features_and_head(cfg)

@@ -12,32 +12,20 @@ release (DingXiaoH/RepVGG) numbers stages from the stem:
 
 from __future__ import annotations
 
-import re
+from ..common import release_stage_naming, release_stage_parts
 
 ORIGINAL = "original"  # DingXiaoH/RepVGG
 TIMM = "timm"
 
 _SEGMENTS = {"rbr_dense": "conv_kxk", "rbr_1x1": "conv_1x1", "rbr_identity": "identity"}
-_STAGE = re.compile(r"^stage(\d+)$")
 
 
 def detect_naming(keys) -> str | None:
-    keys = list(keys)
-    if any(k.startswith(("stem.", "stages.")) for k in keys):
-        return TIMM
-    if any(k.startswith(("stage0.", "stage1.", "linear.")) for k in keys):
-        return ORIGINAL
-    return None
+    return release_stage_naming(keys, ORIGINAL)
 
 
 def original_key_to_ours(key: str) -> str:
-    parts = key.split(".")
-    m = _STAGE.match(parts[0])
-    if m:
-        s = int(m.group(1))
-        parts = ["stem"] + parts[1:] if s == 0 else ["stages", str(s - 1)] + parts[1:]
-    elif parts[0] == "linear":
-        parts = ["head", "fc"] + parts[1:]
+    parts = release_stage_parts(key.split("."))
     return ".".join(_SEGMENTS.get(p, p) for p in parts)
 
 
