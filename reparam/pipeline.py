@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_map
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
 from .passes.functionalize import functionalize
-from .passes.linear_forms import LinearFormPass
+from .passes.linear_forms import LinearFormPass, is_metadata_read
+from .passes.cleanup import deduplicate_metadata_checks
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
 from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
@@ -267,6 +268,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
+    deduplicate_metadata_checks(gm, is_metadata_read)
     report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
                        for r in [*kept, *consts.unfolded, *forms.refusals]]
     sites: dict[str, list] = {}

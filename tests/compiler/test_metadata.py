@@ -123,3 +123,44 @@ def test_read_served_by_the_source_when_shapes_match():
     fused = reparam.fuse(model, x)
     assert n_convs(fused) == 1 and n_bns(fused) == 0
     assert_same(model, fused, x)
+
+
+class MultiBranch(nn.Module):
+    """MobileOne-style: kxk branches, a 1x1 branch and a BN skip, each norm asserting its rank."""
+
+    def __init__(self, c, branches=3):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvNormAct(c, c, 3) for _ in range(branches)])
+        self.scale = ConvNormAct(c, c, 1)
+        self.skip = randomize_bn(BatchNormAct2d(c))
+
+    def forward(self, x):
+        out = self.scale(x) + self.skip(x)
+        for conv in self.convs:
+            out += conv(x)
+        torch._assert(out.shape[1] == self.skip.num_features, "channels")
+        return torch.relu(out)
+
+
+def test_repeated_rank_checks_on_one_fused_value_run_once():
+    torch.manual_seed(4)
+    model = nn.Sequential(MultiBranch(8), MultiBranch(8)).double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert n_convs(fused) == 2 and n_bns(fused) == 0
+    assert_same(model, fused, x)
+    asserts = [n for n in fused.graph.nodes if n.target is torch._assert]
+    # Before fusion: 5 norms with a rank check and one channel check per block. After: each block's
+    # rank checks all read the one input of the block, so one stays, beside the channel check.
+    before = torch.fx.symbolic_trace(model)
+    assert sum(n.target is torch._assert for n in before.graph.nodes) == 12
+    assert sorted(str(n.args[1]) for n in asserts).count("channels") == 2
+    assert len(asserts) == 4
+    assert len({n.args[0].args[0].args[0] for n in asserts if n.args[1] != "channels"}) == 2
+    # The checks that stay still check: a 3-D input (which conv2d would accept) fails.
+    try:
+        fused(x[0])
+    except AssertionError as exc:
+        assert "expected 4D input" in str(exc)
+    else:
+        raise AssertionError("the rank check was lost")
