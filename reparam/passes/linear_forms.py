@@ -630,7 +630,7 @@ class LinearFormPass:
             if not affine.joins_for_free(peers, stub):
                 continue  # the refusal stands
             self.absorb(alt.inner, alt.consumer)
-            self.refusals.remove(alt.refusal)
+            self.refusals[:] = [r for r in self.refusals if r is not alt.refusal]
             self.alternative_sources.discard(alt.inner)
             composed = replace(t.form, source=inner.source, op=affine.compose(t.form.op, inner.op),
                                members=inner.members + t.form.members, origin=None, alternative=None,
