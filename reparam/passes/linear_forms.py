@@ -452,7 +452,7 @@ class LinearFormPass:
                                parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1,
                                alternative=keep)
             refusal = self.refuse(", ".join(form.members + (member,)), reason)
-            if cost_only and not form.has_layout:
+            if cost_only and not form.has_layout and self._may_end_in_sum(node):
                 alternative = Alternative(x, node, refusal)
                 self.alternative_sources.add(x)
         elif x in self.forms and len(self._real_users(x)) == 1:
@@ -461,6 +461,23 @@ class LinearFormPass:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
         return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
                     origin=node, n_ops=1, alternative=alternative)
+
+    def _may_end_in_sum(self, node: torch.fx.Node) -> bool:
+        """Does `node`'s value reach a sum through per-channel maps only (a BatchNorm, a scale)?
+        Only there may an `Alternative` be taken; elsewhere (a ConvFFN's 1x1 before its GELU)
+        none is kept. A look ahead at the graph: the sum root decides."""
+        for _ in range(PER_CHANNEL_LOOKAHEAD):
+            user = self._single_user(node)
+            rule = self.classify(user) if user is not None else None
+            if rule is None:
+                return False
+            if rule.kind == "sum":
+                return True
+            if not (rule.kind in ("identity", "scale", "shift")
+                    or (rule.kind == "affine" and rule.op.is_per_channel)):
+                return False
+            node = user
+        return False
 
     def _compose(self, op: AffineConv, form: Form, node, own_cost: float,
                  own_macs: int) -> tuple[Form | None, str, bool]:
@@ -757,6 +774,9 @@ class LinearFormPass:
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
                        origin=None, shape_refs=refs, alternative=None)
+
+
+PER_CHANNEL_LOOKAHEAD = 4  # per-channel maps looked through for a sum after a refused composition
 
 
 def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
