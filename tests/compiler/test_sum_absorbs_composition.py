@@ -229,3 +229,26 @@ def test_a_pool_branch_whose_source_is_read_elsewhere_stays_apart():
         for a, b in zip(fused(x), model(x)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert n_convs(fused) == 2  # the 1x1 and the 3x3 with the pool folded in
+
+
+class PoolBranchWithLayerScale(nn.Module):
+    """Per-channel maps after the pool (a BatchNorm, then a layer scale) keep the recipe alive."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dense = conv_bn(c, c, 3)
+        self.avg = avg_branch(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return F.relu(self.dense(x) - self.gamma * self.avg(x))
+
+
+def test_per_channel_maps_after_the_refused_step_still_join_the_sum():
+    torch.manual_seed(8)
+    model, fused, x = fused64(PoolBranchWithLayerScale(8), (2, 8, 9, 9))
+    assert_same(model, fused, x, rel=1e-12)
+    (conv,) = modules_of(fused, (nn.Conv2d,))
+    assert conv.kernel_size == (3, 3) and conv.groups == 1
+    assert n_bns(fused) == 0 and pools(fused) == 0
+    assert not fused.report.refusals, fused.report.refusals
