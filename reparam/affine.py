@@ -568,10 +568,22 @@ class CostModel:
 DEFAULT_COST = CostModel()
 
 
-def _geometry_key(op: AffineConv):
+def geometry_key(op: AffineConv):
     """Branches with equal keys always merge: their sum has the same kernel as each of them."""
     return (op.kernel_size, op.stride, op.padding, op.dilation, op.padding_mode if op.has_padding else "zeros",
             op.nd)
+
+
+def joins_for_free(peers: list[AffineConv], op: AffineConv) -> bool:
+    """Does adding `op` to `sum(peers)` cost nothing? True when `op` has the geometry of every
+    peer (so `partition_sum` always merges it with them), the sum stays exact, and the merged
+    operator keeps the peers' groups, hence their kernel and cost (a depthwise 3x3 joining a dense
+    3x3). Reads geometry only: `op` may be a stub with no weights of its own."""
+    if not peers or any(geometry_key(p) != geometry_key(op) for p in peers):
+        return False
+    if sum_refusal(peers + [op]):
+        return False
+    return sum_cost(peers + [op]) <= sum_cost(peers)
 
 
 def _set_partitions(items: list):
@@ -600,7 +612,7 @@ def partition_sum(ops: list[AffineConv], op_cost, join_cost: float) -> tuple[lis
     """
     classes: dict = {}
     for i, op in enumerate(ops):
-        classes.setdefault(_geometry_key(op), []).append(i)
+        classes.setdefault(geometry_key(op), []).append(i)
     blocks = [classes[k] for k in sorted(classes, key=repr)]  # ties break alike in any order
     cache: dict[tuple, float] = {}
 

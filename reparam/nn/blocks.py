@@ -188,10 +188,10 @@ class DiverseBranchBlock(nn.Module):
     op is a 1x1 convolution without bias and without padding. `internal_chs` is the width between
     the 1x1 and kxk convs of `dbb_1x1_kxk` (default: in_chs).
 
-    Today `reparam.fuse` stops one step short of that: the `dbb_avg` branch (1x1 conv then
-    average pool) is judged on its own cost before the sum shows that it joins the dense kxk for
-    free, so the block becomes two convolutions and an add (exact; the report names the
-    refusal).
+    On its own, the `dbb_avg` branch (1x1 conv then average pool) would not be composed: one
+    dense kxk conv costs more than a 1x1 conv and a pool. In the sum it joins the dense kxk of
+    `dbb_origin`, which has its geometry and groups, at no extra cost, so `reparam.fuse` takes
+    the composition there and the whole block becomes one convolution.
 
     Not exact, so not the default: the paper puts a BatchNorm between the 1x1 conv and the
     padded kxk conv / average pool (`inner_bn=True`). That BatchNorm shifts its output by a

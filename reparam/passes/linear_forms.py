@@ -11,6 +11,14 @@ and nesting they were written in) are grouped by source, then partitioned by geo
 cheapest set of fused operators (`affine.partition_sum`). Channel-wise groups are judged by the
 latency estimate of `affine.CostModel`, groups that mix channels by multiply-accumulates.
 
+A composition refused for its cost alone (a 1x1 conv before an average pool costs more MACs as one
+kxk conv than as its parts) may still be free where the value ends in a sum: beside a dense kxk
+branch of the same geometry it adds nothing to the kernel it joins (DBB's 1x1 -> avg-pool branch).
+The refused form keeps an `Alternative`, a recipe naming the two forms, not their product; the
+sum root judges it by geometry alone (`affine.joins_for_free`) and computes the composed weights
+only when it takes it, withdrawing the refusal. Elsewhere (a ConvFFN's depthwise 7x7 -> dense 1x1)
+nothing is ever computed and the refusal stands.
+
 Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
 are not uses: when a value disappears into a fused operator, its readers read a value with the
 same metadata instead (the source, or the value that absorbs it), moved after that value if
@@ -64,6 +72,8 @@ class Form:
     # Layout steps of `after` that read the shape of an absorbed node whose metadata is that of
     # `op`'s output: (reader, node read). They forbid moving `op` behind the layout steps.
     shape_refs: tuple[tuple[torch.fx.Node, torch.fx.Node], ...] = ()
+    # A composition with `source`'s own form refused for its cost alone, for a sum that may take it.
+    alternative: Alternative | None = None
 
     @property
     def has_layout(self) -> bool:
@@ -75,10 +85,23 @@ class Form:
         return self.n_ops > 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RefusalRecord:
     where: str
     reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class Alternative:
+    """A recipe, not weights: the form carrying it could instead be composed with the form of
+    `inner` (its source), which `consumer` refused to absorb for cost alone (`refusal`).
+
+    Only per-channel maps may follow `consumer` in the carrying form: they keep the geometry of
+    the composition and its exactness."""
+
+    inner: torch.fx.Node
+    consumer: torch.fx.Node
+    refusal: RefusalRecord
 
 
 @dataclass(frozen=True)
@@ -181,6 +204,8 @@ class LinearFormPass:
         # Metadata reads of absorbed nodes that a later (materialized) node of equal shape serves.
         self.carried_reads: dict[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
         self.refusals: list[RefusalRecord] = []
+        # Sources named by an `Alternative`: their forms keep float64 weights (see `_final`).
+        self.alternative_sources: set[torch.fx.Node] = set()
         # Partial sums that feed a sum: their branches and the names of the additions so far.
         self.sum_terms: dict[torch.fx.Node, tuple[list[Term], tuple[str, ...]]] = {}
         self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
@@ -233,7 +258,7 @@ class LinearFormPass:
         form = dict.get(self.forms, node)
         dtype = dtype_of(node)
         if (form is None or dtype is None or not dtype.is_floating_point or dtype == torch.float64
-                or any(u in self.absorbed for u in node.users)):
+                or node in self.alternative_sources or any(u in self.absorbed for u in node.users)):
             return
         op = self.forms[node].op
         weight, bias = op.weight.to(dtype), op.bias.to(dtype)
@@ -244,8 +269,10 @@ class LinearFormPass:
             return
         dict.__setitem__(self.forms, node, replace(form, op=cast))
 
-    def refuse(self, where: str, reason: str) -> None:
-        self.refusals.append(RefusalRecord(where, reason))
+    def refuse(self, where: str, reason: str) -> RefusalRecord:
+        record = RefusalRecord(where, reason)
+        self.refusals.append(record)
+        return record
 
     # -- costs -------------------------------------------------------------------------------
     def op_cost(self, op: AffineConv, source: torch.fx.Node, out_shape, axis: int) -> float:
@@ -414,36 +441,64 @@ class LinearFormPass:
         form, owned = self.input_form(x, axis, node)
         if form is None:
             return None
+        alternative = None
         if owned:
-            combined, reason = self._compose(op, form, node, own_cost, own_macs)
+            combined, reason, cost_only = self._compose(op, form, node, own_cost, own_macs)
             if combined is not None:
                 self.absorb(x, node)
+                # A per-channel map after the refused step changes neither its geometry nor exactness.
+                keep = form.alternative if op.is_per_channel and not combined.has_layout else None
                 return replace(combined, members=form.members + (member,), parts_cost=form.parts_cost + own_cost,
-                               parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1)
-            self.refuse(", ".join(form.members + (member,)), reason)
+                               parts_macs=form.parts_macs + own_macs, origin=None, n_ops=form.n_ops + 1,
+                               alternative=keep)
+            refusal = self.refuse(", ".join(form.members + (member,)), reason)
+            if cost_only and not form.has_layout and self._may_end_in_sum(node):
+                alternative = Alternative(x, node, refusal)
+                self.alternative_sources.add(x)
         elif x in self.forms and len(self._real_users(x)) == 1:
             problem = self._carrier_problem(x, node)
             if problem:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
         return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
-                    origin=node, n_ops=1)
+                    origin=node, n_ops=1, alternative=alternative)
 
-    def _compose(self, op: AffineConv, form: Form, node, own_cost: float, own_macs: int) -> tuple[Form | None, str]:
+    def _may_end_in_sum(self, node: torch.fx.Node) -> bool:
+        """Does `node`'s value reach a sum through per-channel maps only (a BatchNorm, a scale)?
+        Only there may an `Alternative` be taken; elsewhere (a ConvFFN's 1x1 before its GELU)
+        none is kept. A look ahead at the graph: the sum root decides."""
+        for _ in range(PER_CHANNEL_LOOKAHEAD):
+            user = self._single_user(node)
+            rule = self.classify(user) if user is not None else None
+            if rule is None:
+                return False
+            if rule.kind == "sum":
+                return True
+            if not (rule.kind in ("identity", "scale", "shift")
+                    or (rule.kind == "affine" and rule.op.is_per_channel)):
+                return False
+            node = user
+        return False
+
+    def _compose(self, op: AffineConv, form: Form, node, own_cost: float,
+                 own_macs: int) -> tuple[Form | None, str, bool]:
+        """`op` after `form`: (composed form, "", False), or (None, why, cost_only), where
+        `cost_only` says the composition is exact and was refused for its cost alone. The composed
+        weights are computed only when accepted: costs are judged on a geometry stub."""
         if form.after:
             if op.is_per_channel:
                 # A per-channel map commutes with layout steps that keep the channel axis whole.
                 inner = at_layout(op, form.op_ndim, form.op_axis)
                 reason = affine.compose_refusal(inner, form.op)
                 if reason:
-                    return None, reason
-                return replace(form, op=affine.compose(inner, form.op)), ""
+                    return None, reason, False
+                return replace(form, op=affine.compose(inner, form.op)), "", False
             moved = self._move_after_before(form)
             if moved is None:
-                return None, "a layout change between the two operators cannot be moved before the first"
+                return None, "a layout change between the two operators cannot be moved before the first", False
             form = moved
         reason = affine.compose_refusal(op, form.op)
         if reason:
-            return None, reason
+            return None, reason, False
         shape = shape_of(node)
         axis = form.axis
         npos = positions(shape, axis)
@@ -455,10 +510,10 @@ class LinearFormPass:
                    "for the parts")
         if _memory_bound([op, form.op]):
             if fused_cost > parts:
-                return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)"
+                return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)", True
         elif fused_macs > parts_macs:
-            return None, f"not cheaper: one {fused.describe()} would need {figures}"
-        return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), ""
+            return None, f"not cheaper: one {fused.describe()} would need {figures}", True
+        return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), "", False
 
     def _move_after_before(self, form: Form) -> Form | None:
         """Apply `op` after the layout steps instead of before them (pointwise ops only)."""
@@ -520,6 +575,7 @@ class LinearFormPass:
         """Group the branches of a complete sum into the cheapest set of fused operators."""
         out_shape = shape_of(node)
         joins = self.join_cost(node)
+        terms, members = self._take_free_alternatives(terms, members)
         groups: dict[tuple, list[Term]] = {}
         for t in terms:
             groups.setdefault(_space_key(t.form), []).append(t)
@@ -559,13 +615,66 @@ class LinearFormPass:
                 form = replace(chosen[0].form, op=fused, origin=None, parts_cost=parts_cost,
                                parts_macs=sum(t.form.parts_macs for t in chosen),
                                n_ops=sum(t.form.n_ops for t in chosen) + len(chosen) - 1,
-                               members=tuple(m for t in chosen for m in t.form.members))
+                               members=tuple(m for t in chosen for m in t.form.members), alternative=None)
                 parts.append(SumPart(1.0, form=form))
         if len(parts) == 1 and parts[0].form is not None:
             return self._through_shared_source(node, terms, replace(parts[0].form, members=members))
         if any(p.form is not None for p in parts):
             self.sum_parts[node] = parts
         return None
+
+    def _take_free_alternatives(self, terms: list[Term],
+                                members: tuple[str, ...]) -> tuple[list[Term], tuple[str, ...]]:
+        """Branches whose composition with their source was refused for cost alone take it after
+        all when the composed operator joins branches of its own geometry at no extra cost (a 1x1
+        -> avg-pool branch beside a dense kxk: DBB). Judged on geometry stubs; the composed weights
+        are computed only for a branch that takes it, and its refusal is withdrawn. Returns the
+        terms and `members` with the operations a taken branch now adds before its own."""
+        taken = list(terms)
+        for i, t in enumerate(terms):
+            alt = t.form.alternative
+            if alt is None or not t.owned:
+                continue
+            inner = self._alternative_inner(t.form)
+            if inner is None:
+                continue  # the refusal stands
+            stub = _geometry_stub(t.form.op, inner.op)
+            space = (inner.source,) + _space_key(t.form)[1:]
+            geometry = affine.geometry_key(stub)
+            peers = [u.form.op for j, u in enumerate(taken)
+                     if j != i and u.form.op is not None and _space_key(u.form) == space
+                     and affine.geometry_key(u.form.op) == geometry]
+            if not affine.joins_for_free(peers, stub):
+                continue  # the refusal stands
+            self.absorb(alt.inner, alt.consumer)
+            self.refusals[:] = [r for r in self.refusals if r is not alt.refusal]
+            self.alternative_sources.discard(alt.inner)
+            composed = replace(t.form, source=inner.source, op=affine.compose(t.form.op, inner.op),
+                               members=inner.members + t.form.members, origin=None, alternative=None,
+                               parts_cost=inner.parts_cost + t.form.parts_cost,
+                               parts_macs=inner.parts_macs + t.form.parts_macs, n_ops=inner.n_ops + t.form.n_ops)
+            taken[i] = replace(t, form=composed)
+            own = [m for m in t.form.members if m in members]
+            at = members.index(own[0]) if own else len(members)
+            members = members[:at] + inner.members + members[at:]
+        return taken, members
+
+    def _alternative_inner(self, form: Form) -> Form | None:
+        """The form that `form.alternative` composes `form` with, if that is still exact and
+        `form.source` can still disappear into it; else None."""
+        alt = form.alternative
+        source = alt.inner
+        if source is not form.source or source in self.absorbed or form.has_layout:
+            return None
+        inner = self.forms.get(source)
+        if (inner is None or inner.has_layout or len(self._real_users(source)) != 1
+                or self._carrier_problem(source, None) is not None):
+            return None
+        if (form.op_axis, form.op_ndim) != (inner.axis, len(shape_of(source))):
+            return None
+        if affine.compose_refusal(form.op, inner.op):
+            return None
+        return inner
 
     def _through_shared_source(self, node, terms: list[Term], form: Form) -> Form:
         """Branches that all read one linear value `s` (`a(s) + b(s)`, RepGhost's `cheap(s) +
@@ -585,13 +694,14 @@ class LinearFormPass:
         shape = shape_of(node)
         own_cost = self.op_cost(form.op, source, shape, form.axis)
         own_macs = form.op.cost * positions(shape, form.axis)
-        combined, reason = self._compose(form.op, inner, node, own_cost, own_macs)
+        combined, reason, _ = self._compose(form.op, inner, node, own_cost, own_macs)
         if combined is None:
             self.refuse(", ".join(inner.members + form.members), reason)
             return form
         self.absorb(source, node)
         return replace(combined, members=inner.members + form.members, parts_cost=inner.parts_cost + form.parts_cost,
-                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops)
+                       parts_macs=inner.parts_macs + form.parts_macs, origin=None, n_ops=inner.n_ops + form.n_ops,
+                       alternative=None)
 
     def _as_part(self, t: Term) -> SumPart:
         return SumPart(t.sign, node=t.node)
@@ -663,17 +773,22 @@ class LinearFormPass:
         self.absorb(x, node)
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
-                       origin=None, shape_refs=refs)
+                       origin=None, shape_refs=refs, alternative=None)
+
+
+PER_CHANNEL_LOOKAHEAD = 4  # per-channel maps looked through for a sum after a refused composition
 
 
 def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
-    """An operator with the geometry of `after(before(x))` (zero weights), for costing it."""
+    """An operator with the geometry of `after(before(x))` (zero weights, no memory of their own:
+    an expanded scalar), for costing and comparing it."""
     stride, padding, dilation, kernel, groups = affine.composed_geometry(after, before)
     if after.is_per_channel:
         return before
     w = torch.zeros(1, dtype=torch.float64).expand(after.out_channels, before.in_channels // groups, *kernel)
+    mode = before.padding_mode if before.has_padding else after.padding_mode
     return AffineConv(w, torch.zeros(1, dtype=torch.float64).expand(after.out_channels), stride, padding,
-                      dilation, groups)
+                      dilation, groups, mode)
 
 
 def _memory_bound(ops) -> bool:
