@@ -460,6 +460,8 @@ def compose(after: AffineConv, before: AffineConv) -> AffineConv:
         scale = after.weight.reshape(-1)
         return replace(before, weight=before.weight * scale.reshape(-1, *([1] * (before.weight.dim() - 1))),
                        bias=before.bias * scale + after.bias)
+    if before.is_per_channel:  # BatchNorm before a conv or Linear: scale the input columns
+        return _compose_after_per_channel(after, before)
     stride, padding, dilation, kernel, g = composed_geometry(after, before)
     a, b = regrouped(before, g), regrouped(after, g)
     nd = a.nd
@@ -483,6 +485,22 @@ def compose(after: AffineConv, before: AffineConv) -> AffineConv:
     bias = torch.einsum("gom,gm->go", wb_sum.reshape(g, co // g, cm // g), bias_in).reshape(co) + b.bias
     mode = before.padding_mode if before.has_padding else after.padding_mode
     return AffineConv(weight, bias, stride, padding, dilation, g, mode)
+
+
+def _compose_after_per_channel(after: AffineConv, before: AffineConv) -> AffineConv:
+    """`after(a * x + b)` for a per-channel `before`: the same values as the general rule (whose
+    sums over the diagonal add only exact zeros), without expanding `before` to a dense matrix."""
+    g, nd = after.groups, after.nd
+    co, ci = after.out_channels, after.in_channels
+    spatial = [1] * nd
+    scale = before.weight.reshape(g, 1, ci // g, *spatial)
+    weight = (after.weight.reshape(g, co // g, ci // g, *after.kernel_size) * scale).reshape(after.weight.shape)
+    # Bias: `after` applied to the constant image `before.bias` (no padding is ever read there).
+    wb_sum = after.weight.sum(dim=tuple(range(2, after.weight.dim()))) if nd else after.weight
+    bias = torch.einsum("gom,gm->go", wb_sum.reshape(g, co // g, ci // g),
+                        before.bias.reshape(g, ci // g)).reshape(co) + after.bias
+    stride, padding, dilation, _, _ = composed_geometry(after, before)
+    return replace(after, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation)
 
 
 def _taps(kernel: Tuple):
