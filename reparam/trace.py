@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .affine import widened
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 
@@ -167,7 +168,7 @@ class Constants:
         if value is None:
             value = self.stored.get(node)
             if value is not None and value.is_floating_point():
-                value = value.double()
+                value = widened(value)
         return value
 
 
@@ -251,7 +252,7 @@ class _Float64Env(dict):
 
     def __missing__(self, node):
         value = self.stored[node]
-        return value.double() if value.is_floating_point() else value
+        return widened(value) if value.is_floating_point() else value
 
 
 def _fetch_attr(gm: nn.Module, target: str):
