@@ -30,7 +30,8 @@ then the ratio of the per-node time at the largest size to the smallest (1.0 = l
 the family's target is met (`TARGETS`: RepVGG-like 1,000 nodes in 0.5 s, MobileOne-style 3,000
 nodes in 1 s, RepVGG-A0 in 0.3 s, fastvit_t12 in 0.2 s, fastvit_ma36 in 0.8 s; on an idle
 machine). The phase breakdown times the pipeline's steps by wrapping the functions `reparam.fuse`
-calls (in this process only). With `--profile` (or when the target is missed) it prints cProfile's top 10 functions by cumulative time for the largest N.
+calls (in this process only). With `--profile` (or when the target is missed) it prints
+cProfile's top 10 functions by cumulative time for the largest N.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reparam  # noqa: E402
+import reparam.models  # noqa: E402
 
 fuse_module = importlib.import_module("reparam.pipeline")
 
@@ -152,8 +154,6 @@ def make_repvgg_a0(width_divisor: int) -> nn.Module:
 
 def make_model(blocks: int, channels: int, family: str = "repvgg", width_divisor: int = 8) -> nn.Module:
     if registered(family):
-        import reparam.models
-
         torch.manual_seed(0)
         model = reparam.models.create(family)
     elif family == "mobileone":
@@ -270,8 +270,6 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 10 for the largest size")
     args = parser.parse_args(argv)
     if registered(args.family):
-        import reparam.models
-
         if args.family not in reparam.models.list_models():
             parser.error(f"--family {args.family!r}: not one of {', '.join(TOY_FAMILIES)} nor a registered model "
                          f"({', '.join(reparam.models.list_models())})")
