@@ -120,6 +120,12 @@ def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.No
     return nodes
 
 
+try:  # generates the Python code of the graph only if it is run: the passes only rewrite it
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _WorkingGraphModule
+except ImportError:  # pragma: no cover - older or newer torch without it
+    _WorkingGraphModule = torch.fx.GraphModule
+
+
 def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
     tracer = _FallbackTracer()
@@ -129,7 +135,7 @@ def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     except Exception as exc:
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
-    gm = torch.fx.GraphModule(model, graph, class_name=name)
+    gm = _WorkingGraphModule(model, graph, class_name=name)
     return gm, dict(tracer.failed_leaves)
 
 
