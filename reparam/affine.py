@@ -36,6 +36,7 @@ This module is pure torch: no torch.fx, no graphs.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from functools import reduce
 
@@ -146,8 +147,56 @@ def _short(t: Tuple) -> str:
 
 def _f64(t) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
-        return t.detach().to(dtype=torch.float64)
+        return widened(t)
     return torch.as_tensor(t, dtype=torch.float64)
+
+
+# float64 copies of float32 tensors, by id: (weak reference to the copy, the original, the
+# original's version, the copy's version): an update in place of either forgets the link.
+_WIDENED: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64. A copy of a float32 tensor remembers its original while it lives (see
+    `float32_source`), so that whoever stores it can keep the float32 tensor instead, exactly."""
+    wide = t.detach().to(dtype=torch.float64)
+    if t.dtype == torch.float32:
+        _remember(wide, t.detach(), t._version)
+    elif t.dtype == torch.float64 and wide is not t:  # widened again: the copy has the same source
+        entry = _WIDENED.get(id(t))
+        if entry is not None and entry[0]() is t:
+            if entry[3] == t._version:
+                _remember(wide, entry[1], entry[2])
+    return wide
+
+
+def _remember(wide: torch.Tensor, source: torch.Tensor, version: int) -> None:
+    key = id(wide)
+
+    def forget(ref, key=key):
+        entry = _WIDENED.get(key)
+        if entry is not None and entry[0] is ref:
+            del _WIDENED[key]
+
+    _WIDENED[key] = (weakref.ref(wide, forget), source, version, wide._version)
+
+
+def float32_source(t: torch.Tensor) -> torch.Tensor | None:
+    """The float32 tensor `t` was widened from by `widened` (or a same-size view of such a copy),
+    holding exactly `t`'s values; None when unknown. Costs no arithmetic."""
+    for candidate in (t, t._base):
+        entry = _WIDENED.get(id(candidate)) if candidate is not None else None
+        if entry is None or entry[0]() is not candidate:
+            continue
+        _, source, version, wide_version = entry
+        if source._version != version or candidate._version != wide_version or source.shape != candidate.shape:
+            return None
+        if candidate is t:
+            return source
+        if (t.numel() == candidate.numel() and t.is_contiguous() and candidate.is_contiguous()
+                and t.storage_offset() == candidate.storage_offset() == 0):
+            return source.reshape(t.shape)
+    return None
 
 
 def _tuple(v, nd: int) -> Tuple:
@@ -460,6 +509,8 @@ def compose(after: AffineConv, before: AffineConv) -> AffineConv:
         scale = after.weight.reshape(-1)
         return replace(before, weight=before.weight * scale.reshape(-1, *([1] * (before.weight.dim() - 1))),
                        bias=before.bias * scale + after.bias)
+    if before.is_per_channel:  # BatchNorm before a conv or Linear: scale the input columns
+        return _compose_after_per_channel(after, before)
     stride, padding, dilation, kernel, g = composed_geometry(after, before)
     a, b = regrouped(before, g), regrouped(after, g)
     nd = a.nd
@@ -483,6 +534,22 @@ def compose(after: AffineConv, before: AffineConv) -> AffineConv:
     bias = torch.einsum("gom,gm->go", wb_sum.reshape(g, co // g, cm // g), bias_in).reshape(co) + b.bias
     mode = before.padding_mode if before.has_padding else after.padding_mode
     return AffineConv(weight, bias, stride, padding, dilation, g, mode)
+
+
+def _compose_after_per_channel(after: AffineConv, before: AffineConv) -> AffineConv:
+    """`after(a * x + b)` for a per-channel `before`: the same values as the general rule (whose
+    sums over the diagonal add only exact zeros), without expanding `before` to a dense matrix."""
+    g, nd = after.groups, after.nd
+    co, ci = after.out_channels, after.in_channels
+    spatial = [1] * nd
+    scale = before.weight.reshape(g, 1, ci // g, *spatial)
+    weight = (after.weight.reshape(g, co // g, ci // g, *after.kernel_size) * scale).reshape(after.weight.shape)
+    # Bias: `after` applied to the constant image `before.bias` (no padding is ever read there).
+    wb_sum = after.weight.sum(dim=tuple(range(2, after.weight.dim()))) if nd else after.weight
+    bias = torch.einsum("gom,gm->go", wb_sum.reshape(g, co // g, ci // g),
+                        before.bias.reshape(g, ci // g)).reshape(co) + after.bias
+    stride, padding, dilation, _, _ = composed_geometry(after, before)
+    return replace(after, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation)
 
 
 def _taps(kernel: Tuple):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 import copy
+import copyreg
 import gc
 import time
 from collections import OrderedDict
@@ -191,7 +192,7 @@ def _private_copy(model: nn.Module, name: str) -> nn.Module:
         if type(b) is torch.Tensor:
             memo[id(b)] = b.detach().clone()
     try:
-        work = copy.deepcopy(model, memo)
+        work = _copy_module(model, memo)
     except Exception as exc:
         raise InputError(f"cannot copy {name} with copy.deepcopy ({type(exc).__name__}: {exc}); reparam "
                          "works on a copy so that the caller's model is never modified") from exc
@@ -205,6 +206,72 @@ def _private_copy(model: nn.Module, name: str) -> nn.Module:
     for p in work.parameters():
         p.requires_grad_(False)
     return work
+
+
+# Hooks the private copy drops (it is an inference model: none fire from it).
+_DROPPED_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_state_dict_hooks", "_load_state_dict_pre_hooks")
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout)
+_COPY_PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__copy__")
+_plain_classes: dict[type, bool] = {}
+
+
+def _copies_like_a_module(cls: type) -> bool:
+    """Does `copy.deepcopy` copy instances of `cls` exactly as `nn.Module`'s defaults say (no
+    class of its own customizes copying or pickling, no `__slots__`)?"""
+    plain = _plain_classes.get(cls)
+    if plain is None:
+        own = [c for c in cls.__mro__ if c not in (nn.Module, object)]
+        plain = (not any(name in c.__dict__ for c in own for name in (*_COPY_PROTOCOL, "__slots__"))
+                 and cls not in copyreg.dispatch_table and type(cls) is type)
+        _plain_classes[cls] = plain
+    return plain
+
+
+def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """`copy.deepcopy(module, memo)`, minus the hooks, without deepcopy's generic path per module.
+
+    What `copy.deepcopy` would do for a module whose class does not customize copying (a new
+    instance, `__setstate__` with a deep copy of its `__dict__`), with the per-module containers
+    (parameters, buffers, submodules) copied directly and the hook dictionaries left empty. A
+    module whose class customizes copying (a GraphModule, say) is copied by `copy.deepcopy`."""
+    key = id(module)
+    if key in memo:
+        return memo[key]
+    cls = type(module)
+    if not _copies_like_a_module(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[key] = new
+    memo.setdefault(id(memo), []).append(module)  # keep the original alive while ids are keys
+    state = {}
+    for name, value in module.__dict__.items():
+        if name == "_compiled_call_impl":
+            continue
+        if name in _DROPPED_HOOKS and type(value) is OrderedDict:
+            state[name] = OrderedDict()
+        elif name == "_modules" and type(value) is dict:
+            state[name] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
+        elif name in ("_parameters", "_buffers") and type(value) is dict:
+            state[name] = {k: copy.deepcopy(t, memo) for k, t in value.items()}
+        else:
+            state[name] = _copy_value(value, memo)
+    new.__setstate__(state)
+    return new
+
+
+def _copy_value(value, memo: dict):
+    kind = type(value)
+    if kind in _ATOMIC:
+        return value
+    if kind is tuple and all(type(v) in _ATOMIC for v in value):
+        return value
+    if kind is set and all(type(v) in _ATOMIC for v in value):
+        return set(value)
+    if isinstance(value, nn.Module):
+        return _copy_module(value, memo)
+    return copy.deepcopy(value, memo)
 
 
 def _run_reference(work: nn.Module, inputs, name: str):

@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .affine import widened
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 
@@ -119,6 +120,12 @@ def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.No
     return nodes
 
 
+try:  # generates the Python code of the graph only if it is run: the passes only rewrite it
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _WorkingGraphModule
+except ImportError:  # pragma: no cover - older or newer torch without it
+    _WorkingGraphModule = torch.fx.GraphModule
+
+
 def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
     tracer = _FallbackTracer()
@@ -128,7 +135,7 @@ def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     except Exception as exc:
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
-    gm = torch.fx.GraphModule(model, graph, class_name=name)
+    gm = _WorkingGraphModule(model, graph, class_name=name)
     return gm, dict(tracer.failed_leaves)
 
 
@@ -167,7 +174,7 @@ class Constants:
         if value is None:
             value = self.stored.get(node)
             if value is not None and value.is_floating_point():
-                value = value.double()
+                value = widened(value)
         return value
 
 
@@ -251,7 +258,7 @@ class _Float64Env(dict):
 
     def __missing__(self, node):
         value = self.stored[node]
-        return value.double() if value.is_floating_point() else value
+        return widened(value) if value.is_floating_point() else value
 
 
 def _fetch_attr(gm: nn.Module, target: str):

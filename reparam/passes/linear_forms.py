@@ -163,6 +163,12 @@ def _narrowed(t: torch.Tensor) -> torch.Tensor:
     """`t` in float32 when that holds it exactly (a weight copied from a float32 model), else `t`."""
     if t.dtype != torch.float64:
         return t
+    source = affine.float32_source(t)  # a lifted parameter: its own float32 tensor, no check needed
+    if source is not None:
+        return source
+    head = t.reshape(-1)[:64]  # a combined weight is rarely exact in float32: most often, the
+    if not torch.equal(head.to(torch.float32).double(), head):  # first values already say so
+        return t
     narrow = t.to(torch.float32)
     return narrow if torch.equal(narrow.double(), t) else t
 
@@ -170,24 +176,51 @@ def _narrowed(t: torch.Tensor) -> torch.Tensor:
 class _FormStore(dict):
     """Forms by node. A form's float64 weights are stored in float32 when that is exact (most
     forms are single operations of a float32 model, not yet combined) and read back in float64:
-    the algebra sees the same values, and the pass holds no float64 copy of the whole model."""
+    the algebra sees the same values, and the pass holds no float64 copy of the whole model.
+
+    The pass reads one form several times in a row (is it absorbable, its axis, its weights), and
+    often stores it back unchanged under another node: the float64 copy of the last form read is
+    kept, so that reading it again, or storing its weights again, converts nothing. `stored(node)`
+    gives the form as stored, for readers that do not need float64 (lowering casts anyway)."""
+
+    def __init__(self):
+        super().__init__()
+        self._last: tuple[Form, Form] | None = None  # (form as stored, the same in float64)
 
     def __setitem__(self, node, form: Form) -> None:
         op = form.op
-        weight, bias = _narrowed(op.weight), _narrowed(op.bias)
+        weight, bias = self._narrow(op.weight, 0), self._narrow(op.bias, 1)
         if weight is not op.weight or bias is not op.bias:
             form = replace(form, op=replace(op, weight=weight, bias=bias))
         super().__setitem__(node, form)
+
+    def _narrow(self, t: torch.Tensor, which: int) -> torch.Tensor:
+        if self._last is not None:
+            stored, wide = self._last
+            if t is (wide.op.weight, wide.op.bias)[which]:
+                return (stored.op.weight, stored.op.bias)[which]
+        return _narrowed(t)
 
     def __getitem__(self, node) -> Form:
         form = super().__getitem__(node)
         op = form.op
         if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
             return form
-        return replace(form, op=replace(op, weight=op.weight.double(), bias=op.bias.double()))
+        if self._last is not None and self._last[0] is form:
+            return self._last[1]
+        wide = replace(form, op=replace(op, weight=op.weight.double(), bias=op.bias.double()))
+        self._last = (form, wide)
+        return wide
+
+    def stored(self, node, default=None):
+        return super().get(node, default)
 
     def get(self, node, default=None):
         return self[node] if node in self else default
+
+    def pop(self, node, *default):
+        self._last = None
+        return super().pop(node, *default)
 
 
 class LinearFormPass:
@@ -260,7 +293,7 @@ class LinearFormPass:
         if (form is None or dtype is None or not dtype.is_floating_point or dtype == torch.float64
                 or node in self.alternative_sources or any(u in self.absorbed for u in node.users)):
             return
-        op = self.forms[node].op
+        op = form.op  # as stored: float64, or float32 where that is exact (the same values)
         weight, bias = op.weight.to(dtype), op.bias.to(dtype)
         if weight.dtype == op.weight.dtype and bias.dtype == op.bias.dtype:
             return

@@ -73,6 +73,7 @@ class _Lowering:
         self.regions: list[FusedRegion] = []
         self.counter = 0
         self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # original node -> the value standing for it
+        self.owned = {t.data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
 
     def current(self, n: torch.fx.Node) -> torch.fx.Node:
         return self.replaced.get(n, n)
@@ -86,8 +87,13 @@ class _Lowering:
         if not form.op.is_identity:
             name = f"fused_{self.counter}"
             self.counter += 1
-            self.gm.add_submodule(name, to_module(form.op, form.op_axis, form.op_ndim, self.dtype_of(node),
-                                                  self.device))
+            module = to_module(form.op, form.op_axis, form.op_ndim, self.dtype_of(node), self.device)
+            for param in module.parameters():
+                # An operation lowered unchanged may hold its original parameter: no two modules
+                # of the result share memory.
+                if param.data_ptr() in self.owned:
+                    param.data = param.data.clone()
+            self.gm.add_submodule(name, module)
             value = graph.call_module(name, (value,))
             op_out = form.after[0].node.args[0] if form.after else node
             _copy_meta(value, op_out)
@@ -128,7 +134,9 @@ class _Lowering:
             reader.replace_input_with(old, new)
         for node in list(self.graph.nodes):
             parts = forms.sum_parts.get(node)
-            form: Form | None = forms.forms.get(node)
+            # As stored (float32 where that is exact): the module casts its weights to the
+            # model's dtype anyway, and the values are the same as in float64.
+            form: Form | None = forms.forms.stored(node)
             if node in forms.absorbed or not node.users or (form is None and parts is None):
                 continue
             if parts is not None:
