@@ -33,9 +33,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx
 
-from ..trace import shape_of
+from .. import affine
+from ..trace import dtype_of, shape_of
 from .ops import LinearOp
 
 if TYPE_CHECKING:
@@ -115,6 +117,39 @@ def visit_average(forms: "LinearFormPass", node: torch.fx.Node, rule: LinearOp) 
     forms.absorb(x, node)
     return replace(form, axis=new_axis, after=form.after + (LayoutStep(node, True),),
                    members=form.members + (rule.member,), origin=None)
+
+
+def visit_pad_border(forms: "LinearFormPass", node: torch.fx.Node, rule: LinearOp) -> "Form | None":
+    """`pad_border(op(x), p, v)` (passes/fill.py) is `op` applied to `x` padded with zeros when `v`
+    is what `op` gives for a zero input: its bias, for a pointwise `op` (DBB's BNAndPad fills
+    the border with the BatchNorm's shift). `v` is compared to the bias within the rounding of
+    the model's dtype, since the model computes it in that dtype."""
+    x = rule.inputs[0]
+    form = forms.forms.get(x)
+    if form is None:
+        return None  # a plain value padded: stays as written
+    where = ", ".join(form.members + (rule.member,))
+    if not form.op.is_pointwise or form.has_layout or form.axis != 1:
+        forms.refuse(where, f"the border is set to constants after padding {form.op.describe()}, which is not "
+                            "a pointwise map on this layout: not a padded convolution")
+        return None
+    if len(forms._real_users(x)) != 1:
+        others = ", ".join(u.name for u in forms._real_users(x) if u is not node)
+        forms.refuse(where, f"kept apart: its value is also read by {others}")
+        return None
+    if not forms.absorbable(x, node):
+        forms.refuse(where, f"kept apart: {forms._carrier_problem(x, node)}")
+        return None
+    bias = form.op.bias
+    dtype = dtype_of(node) or torch.float64
+    tolerance = 64 * torch.finfo(dtype).eps * max(1.0, float(bias.abs().max()), float(rule.shift.abs().max()))
+    if bias.shape != rule.shift.shape or float((bias - rule.shift).abs().max()) > tolerance:
+        forms.refuse(where, f"the border is set to values other than what {', '.join(form.members)} gives for "
+                            "a zero input (its shift): not the same as padding its input with zeros")
+        return None
+    forms.absorb(x, node)
+    return replace(form, op=affine.compose(form.op, rule.op), members=form.members + (rule.member,),
+                   origin=None, n_ops=form.n_ops + 1)
 
 
 def follower_name(forms: "LinearFormPass", node: torch.fx.Node) -> str:

@@ -34,7 +34,7 @@ import torch.fx
 from .. import affine
 from ..affine import AffineConv
 from ..trace import Constants, dtype_of, is_shape_query, shape_of
-from .commute import visit_average
+from .commute import visit_average, visit_pad_border
 from .ops import Classifier, LinearOp
 
 
@@ -197,6 +197,7 @@ class LinearFormPass:
             "concat": self._visit_concat,
             "layout": self._visit_layout,
             "average": self._visit_average,
+            "pad_border": self._visit_pad_border,
         }
 
     def classify(self, node: torch.fx.Node) -> LinearOp | None:
@@ -646,6 +647,9 @@ class LinearFormPass:
     # -- averages (passes/commute.py) -------------------------------------------------------
     def _visit_average(self, node, rule: LinearOp) -> Form | None:
         return visit_average(self, node, rule)
+
+    def _visit_pad_border(self, node, rule: LinearOp) -> Form | None:
+        return visit_pad_border(self, node, rule)
 
     # -- layout ------------------------------------------------------------------------------
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:

@@ -11,6 +11,8 @@ description, so the propagation pass sees a single form of each.
     linear          nn.Linear, F.linear                     1x1 over the last axis
     avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
     pad             F.pad / ZeroPadNd with zeros            identity 1x1 with that (symmetric) padding
+    pad_border      F.pad, then the border set to v         zero padding `op`, if what precedes gives v
+                    (passes/fill.py)                        for a zero input (passes/commute.py)
     identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
     scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
@@ -35,6 +37,7 @@ from torch import nn
 
 from .. import affine
 from ..trace import Constants, is_shape_query, shape_of
+from .fill import pad_border
 from .functionalize import values_updated_in_place
 
 # Argument names of the functional forms, for binding positional and keyword arguments alike.
@@ -253,6 +256,8 @@ class Classifier:
             return self._spatial_average(node.args[0], _ADAPTIVE_POOL_FUNCS[t], node.name)
         if t is torch.mean:
             return self._mean(node)
+        if t is pad_border:
+            return self._pad_border(node)
         if t in (F.pad, torch.constant_pad_nd):
             a = bind(node, ("input", "pad", "mode", "value"))
             return self._pad(a.get("input"), a.get("pad"), a.get("mode", "constant"), a.get("value", 0), node.name)
@@ -377,6 +382,21 @@ class Classifier:
             return None
         op = affine.avg_pool(shape[1], kernel_size, stride, padding, nd, divisor)
         return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _pad_border(self, node) -> LinearOp | None:
+        """`pad_border(x, [p]*4, v)` (passes/fill.py): zero padding whose border is then set to `v`."""
+        if len(node.args) != 3 or node.kwargs or not _tensor_input(node.args[0]):
+            return None
+        x, pad, value = node.args
+        shape, v = shape_of(x), self.const(value)
+        if v is None or shape is None or len(shape) != 4:
+            return None
+        if v.numel() not in (1, shape[1]) or v.dim() > 4 or any(
+                n != 1 for i, n in enumerate(v.shape) if i != v.dim() - 3):
+            return None  # not one value per channel
+        values = v.reshape(-1).expand(shape[1]).clone() if v.numel() == 1 else v.reshape(-1).clone()
+        return LinearOp("pad_border", [x], op=affine.zero_pad(shape[1], (pad[0], pad[0]), 2), axis=1,
+                        shift=values, member=node.name)
 
     def _spatial_average(self, x, nd: int, name: str) -> LinearOp | None:
         """Average pooling over the last `nd` axes whose windows average input elements only."""
