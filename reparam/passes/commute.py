@@ -48,7 +48,7 @@ _PASS_THROUGH = ("identity", "layout", "average")
 _LINEAR = ("affine", "scale", "shift")
 
 
-def channel_axis_after_average(rule: LinearOp, ndim: int, axis: int) -> int | None:
+def channel_axis_after_average(rule: LinearOp, axis: int) -> int | None:
     """The channel axis after averaging over `rule.dims`, or None when the channels are averaged."""
     if axis in rule.dims:
         return None
@@ -105,7 +105,7 @@ def visit_average(forms: "LinearFormPass", node: torch.fx.Node, rule: LinearOp) 
         return None  # a plain value averaged: nothing to carry
     shape = shape_of(x)
     follower = linear_follower(forms, node)
-    new_axis = channel_axis_after_average(rule, len(shape), form.axis) if shape is not None else None
+    new_axis = channel_axis_after_average(rule, form.axis) if shape is not None else None
     reason, name_it = through_average_refusal(forms, node, x, form, follower, new_axis)
     if reason is not None:
         if name_it:
