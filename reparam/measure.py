@@ -126,7 +126,9 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
 
     A linear operation (conv, norm, linear, channel affine, layer scale, average pooling...) that
     feeds another one directly (through identities and layout steps only, as its only consumer)
-    could have been combined with it. Such a pair is accounted for when a refusal of the report
+    could have been combined with it; so could one that feeds it through an average that keeps
+    constants (global average pooling, `mean` over spatial axes), which a pointwise map moves
+    through (passes/commute.py). Such a pair is accounted for when a refusal of the report
     (`fused.report` unless given) names one of the two, or one of the operations a fused region in
     the pair replaced. Returns "A -> B" for each pair that is not; an empty list means every
     linear operation left is either alone or explained.
@@ -157,11 +159,11 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
         return {name} | regions.get(name, set())
 
     def linear_input(node):
-        """The linear op feeding `node` through identities and layout steps, if it feeds only that."""
+        """The linear op feeding `node` through identities, layout steps and averages, if it feeds only that."""
         x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         while x is not None and len(x.users) == 1:
             k = kind(x)
-            if k in ("identity", "layout"):
+            if k in ("identity", "layout", "average"):
                 x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else None
                 continue
             return x if k in ("affine", "scale", "shift") else None

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
+from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
 from .passes.cleanup import deduplicate_metadata_checks
@@ -330,6 +331,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     report = Report(model=name)
     report.before = counts(gm)
     referenced = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    fill_borders(gm)  # DBB's pad-then-fill-the-border, before its in-place updates are judged
     kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     forms = LinearFormPass(gm, consts).run()

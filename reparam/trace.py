@@ -40,6 +40,9 @@ class _Proxy(torch.fx.Proxy):
     def __itruediv__(self, other):
         return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
 
+    def __setitem__(self, key, value):  # `out[:, :, :p] = v`: an in-place update, recorded as one
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class _FallbackTracer(torch.fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""

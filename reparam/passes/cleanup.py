@@ -6,7 +6,7 @@ import operator
 
 import torch.fx
 
-_IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
 def is_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -42,6 +42,7 @@ import torch.fx
 from .. import affine
 from ..affine import AffineConv
 from ..trace import Constants, dtype_of, is_shape_query, shape_of
+from .commute import visit_average, visit_pad_border
 from .ops import Classifier, LinearOp
 
 
@@ -253,6 +254,8 @@ class LinearFormPass:
             "sum": self._visit_sum,
             "concat": self._visit_concat,
             "layout": self._visit_layout,
+            "average": self._visit_average,
+            "pad_border": self._visit_pad_border,
         }
 
     def classify(self, node: torch.fx.Node) -> LinearOp | None:
@@ -784,6 +787,13 @@ class LinearFormPass:
                     members=tuple(m for f in forms for m in f.members) + (rule.member,), parts_cost=parts,
                     parts_macs=parts_macs, n_ops=sum(f.n_ops for f in forms) + 1)
 
+    # -- averages (passes/commute.py) -------------------------------------------------------
+    def _visit_average(self, node, rule: LinearOp) -> Form | None:
+        return visit_average(self, node, rule)
+
+    def _visit_pad_border(self, node, rule: LinearOp) -> Form | None:
+        return visit_pad_border(self, node, rule)
+
     # -- layout ------------------------------------------------------------------------------
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:
         x = rule.inputs[0]
@@ -918,6 +928,8 @@ def channel_axis_after(node: torch.fx.Node, layout: str, in_shape, axis: int) ->
                 return axis
             if axis > end:
                 return axis - (end - start)
+            if all(in_shape[d] == 1 for d in range(start, end + 1) if d != axis):
+                return start  # merged only with size-1 axes (after global pooling): still whole
             return None
         if layout in ("reshape", "squeeze", "unsqueeze"):
             if layout == "squeeze" and (not args and "dim" not in kw):

@@ -11,6 +11,8 @@ description, so the propagation pass sees a single form of each.
     linear          nn.Linear, F.linear                     1x1 over the last axis
     avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
     pad             F.pad / ZeroPadNd with zeros            identity 1x1 with that (symmetric) padding
+    pad_border      F.pad, then the border set to v         zero padding `op`, if what precedes gives v
+                    (passes/fill.py)                        for a zero input (passes/commute.py)
     identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
     scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
@@ -18,6 +20,9 @@ description, so the propagation pass sees a single form of each.
     concat          torch.cat(dim=channels)                 outputs stacked
     layout          flatten, transpose, permute, reshape,   moves the channel axis (pointwise only)
                     view, view_as, reshape_as, unflatten
+    average         AdaptiveAvgPoolNd, x.mean(spatial dims),  an average that keeps constants: pointwise
+                    avg_pool without padding or with          maps commute with it (passes/commute.py)
+                    count_include_pad=False
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 
 from .. import affine
 from ..trace import Constants, is_shape_query, shape_of
+from .fill import pad_border
 from .functionalize import values_updated_in_place
 
 # Argument names of the functional forms, for binding positional and keyword arguments alike.
@@ -47,6 +53,9 @@ _POOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_POOL_MODULES = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_ADAPTIVE_POOL_FUNCS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+                        torch.adaptive_avg_pool1d: 1}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 _ADD = {operator.add, torch.add, operator.iadd}
@@ -79,6 +88,8 @@ class LinearOp:
       "concat"   -> concatenation of `inputs` along `axis`
       "identity" -> `inputs[0]` unchanged
       "layout"   -> `inputs[0]` moved around; `layout` names the op
+      "average"  -> each channel of `inputs[0]` averaged over the axes `dims` (kept when `keepdim`)
+                    with weights that sum to one at every output position
       "refused"  -> linear in principle but not exactly fusible: `reason`
     """
 
@@ -92,6 +103,8 @@ class LinearOp:
     sign: float = 1.0
     layout: str = ""
     shape_of: torch.fx.Node | None = None  # layout: the tensor whose shape `reshape_as` copies
+    dims: tuple[int, ...] = ()  # average: the axes averaged over
+    keepdim: bool = True  # average: are they kept (as size 1 or pooled size)?
     reason: str = ""
     member: str = ""  # name of the operation for the report
 
@@ -179,6 +192,8 @@ class Classifier:
         if type(m) in _POOL_MODULES:
             return self._pool(x, _POOL_MODULES[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
                               m.count_include_pad, getattr(m, "divisor_override", None), name)
+        if type(m) in _ADAPTIVE_POOL_MODULES:
+            return self._spatial_average(x, _ADAPTIVE_POOL_MODULES[type(m)], name)
         if isinstance(m, _IDENTITY_MODULES):
             return LinearOp("identity", [x], member=name)
         if isinstance(m, nn.Flatten):
@@ -235,6 +250,14 @@ class Classifier:
             return self._pool(a["input"], _POOL_FUNCS[t], a.get("kernel_size"), a.get("stride"),
                               a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True),
                               a.get("divisor_override"), node.name)
+        if t in _ADAPTIVE_POOL_FUNCS:
+            if not node.args or not _tensor_input(node.args[0]):
+                return None
+            return self._spatial_average(node.args[0], _ADAPTIVE_POOL_FUNCS[t], node.name)
+        if t is torch.mean:
+            return self._mean(node)
+        if t is pad_border:
+            return self._pad_border(node)
         if t in (F.pad, torch.constant_pad_nd):
             a = bind(node, ("input", "pad", "mode", "value"))
             return self._pad(a.get("input"), a.get("pad"), a.get("mode", "constant"), a.get("value", 0), node.name)
@@ -279,6 +302,8 @@ class Classifier:
             return LinearOp("identity", [x], member=node.name)
         if name in _LAYOUT_METHODS:
             return LinearOp("layout", [x], layout=_LAYOUT_METHODS[name], member=node.name)
+        if name == "mean":
+            return self._mean(node)
         if name in ("reshape_as", "view_as") and len(node.args) == 2 and _tensor_input(node.args[1]) \
                 and not node.kwargs:
             return LinearOp("layout", [x], layout="reshape", shape_of=node.args[1], member=node.name)
@@ -340,6 +365,12 @@ class Classifier:
         return LinearOp("affine", [x], op=affine.zero_pad(shape[1], per_axis, nd), axis=1, member=name)
 
     def _pool(self, x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor, name):
+        padded = padding not in (0, (0,) * nd, [0] * nd)
+        if divisor is None and (ceil_mode or (padded and not count_include_pad)) and \
+                (not padded or not count_include_pad):
+            # Every window is divided by the number of input elements it covers: not a
+            # convolution, but an average that pointwise maps commute with.
+            return self._spatial_average(x, nd, name)
         if ceil_mode:
             return LinearOp("refused", [x], reason="avg_pool with ceil_mode=True has windows that cross the "
                                                      "border unevenly", member=name)
@@ -351,6 +382,43 @@ class Classifier:
             return None
         op = affine.avg_pool(shape[1], kernel_size, stride, padding, nd, divisor)
         return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _pad_border(self, node) -> LinearOp | None:
+        """`pad_border(x, [p]*4, v)` (passes/fill.py): zero padding whose border is then set to `v`."""
+        if len(node.args) != 3 or node.kwargs or not _tensor_input(node.args[0]):
+            return None
+        x, pad, value = node.args
+        shape, v = shape_of(x), self.const(value)
+        if v is None or shape is None or len(shape) != 4:
+            return None
+        if v.numel() not in (1, shape[1]) or v.dim() > 4 or any(
+                n != 1 for i, n in enumerate(v.shape) if i != v.dim() - 3):
+            return None  # not one value per channel
+        values = v.reshape(-1).expand(shape[1]).clone() if v.numel() == 1 else v.reshape(-1).clone()
+        return LinearOp("pad_border", [x], op=affine.zero_pad(shape[1], (pad[0], pad[0]), 2), axis=1,
+                        shift=values, member=node.name)
+
+    def _spatial_average(self, x, nd: int, name: str) -> LinearOp | None:
+        """Average pooling over the last `nd` axes whose windows average input elements only."""
+        shape = shape_of(x)
+        if not _tensor_input(x) or shape is None or len(shape) != nd + 2:
+            return None  # unbatched input: the channel axis is not axis 1
+        return LinearOp("average", [x], dims=tuple(range(2, nd + 2)), keepdim=True, member=name)
+
+    def _mean(self, node) -> LinearOp | None:
+        """`x.mean(dims, keepdim)` / `torch.mean`: an average over the given axes (never over all)."""
+        a = bind(node, ("input", "dim", "keepdim"))
+        x, dims, keepdim = a.get("input"), a.get("dim"), a.get("keepdim", False)
+        shape = shape_of(x)
+        if not _tensor_input(x) or shape is None or a.get("dtype") is not None or set(a) - {"input", "dim", "keepdim"}:
+            return None
+        if isinstance(dims, int):
+            dims = (dims,)
+        if not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims) \
+                or not isinstance(keepdim, bool):
+            return None
+        dims = tuple(sorted({d % len(shape) for d in dims}))
+        return LinearOp("average", [x], dims=dims, keepdim=keepdim, member=node.name)
 
     def _add(self, node, a, b, sign_b: float) -> LinearOp | None:
         ta, tb = _tensor_input(a), _tensor_input(b)
