@@ -26,8 +26,11 @@ BatchNorm as a depthwise 1x1, average pooling) and bytes moved counts the input 
 written and the weights read. An elementwise add costs `overhead + byte * 3 * elements * itemsize`.
 The constants of `DEFAULT_COST` were fitted by `benchmarks/bench_cost_model.py` (one thread,
 float32, eager CPU, 2-core x86 machine under load: the fit's median relative error was 0.26):
-overhead 5.4 us, mac 0.045 ns, mac_grouped 0.14 ns, byte 0.02 ns. Re-run it on the target machine
-and pass your own `CostModel` where the decision matters. `partition_sum` uses the model to split a
+overhead 5.4 us, mac 0.045 ns, mac_grouped 0.14 ns, byte 0.02 ns. The model is coarse: on an idle
+machine a re-run fits no better (median relative error 0.42, one thread), mostly because eager
+PyTorch's depthwise convolutions take a fixed ~0.1 ms at these sizes whatever their kernel, which
+one overhead shared by every operation cannot express. Re-run it on the target machine and pass
+your own `CostModel` where the decision matters. `partition_sum` uses the model to split a
 sum of many branches into the cheapest set of fused operators, whatever the order of the branches.
 
 This module is pure torch: no torch.fx, no graphs.
