@@ -56,6 +56,9 @@ def _session(path: Path, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Timed sessions run interleaved: a session's worker threads spinning after a run would
+    # take the cores from the other session's run (p10-p90 spreads of 0.5-2x otherwise).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

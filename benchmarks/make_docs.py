@@ -1,7 +1,8 @@
 """Regenerate docs/benchmarks.md and its plots: every figure measured on this machine, now.
 
-    python benchmarks/make_docs.py                 # full run (about 20 minutes on 2 idle cores)
+    python benchmarks/make_docs.py                 # full run (over an hour on 2 idle cores)
     python benchmarks/make_docs.py --quick         # smoke test: tiny repeats, few models (minutes)
+    python benchmarks/make_docs.py --models fastvit_t12 mobileone_s0   # a subset of the registered models
     python benchmarks/make_docs.py --threads 4 --gpu-json gpu_t12.json gpu_s0.json
 
 Sections of the page:
@@ -644,6 +645,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-json", nargs="*", default=[], metavar="FILE",
                         help="`reparam bench --device cuda --json` outputs to tabulate")
     parser.add_argument("--json", metavar="OUT", help="also write every figure as JSON")
+    parser.add_argument("--models", nargs="+", metavar="NAME", default=None,
+                        help="registered models for the models section (default: every one; a full"
+                             " run takes over an hour on 2 cores)")
     parser.add_argument("--memory-probe", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -653,6 +657,12 @@ def main(argv=None) -> int:
         return 0
 
     st = Settings(args.quick)
+    from reparam import models
+    if args.models:
+        unknown = sorted(set(args.models) - set(models.list_models()))
+        if unknown:
+            parser.error(f"--models: not registered: {', '.join(unknown)} (see `reparam list`)")
+        st.models = list(args.models)
     out = Path(args.out).resolve()
     img = out.parent / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -701,6 +711,10 @@ def main(argv=None) -> int:
                  " that may be busy: these figures show the page's layout, not reparam's"
                  " performance. Run `python benchmarks/make_docs.py` on an idle machine for"
                  " real figures.", ""]
+    if args.models:
+        head += [f"> **Subset.** The models section covers {len(st.models)} of the"
+                 f" {len(models.list_models())} registered models; run without `--models` for all"
+                 " of them.", ""]
     body = head + sum(([f"## {title}", "", text, ""] for title, text in sections), [])
     out.write_text("\n".join(body).rstrip() + "\n", encoding="utf-8")
     log(f"wrote {out} in {total:.0f} s")
