@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import InputError
 from ..nn import Dropout, Identity
 
-__all__ = ["ClassifierHead", "replace_config"]
+__all__ = ["ClassifierHead", "StemStagesClassifier", "release_stage_naming", "release_stage_parts", "replace_config"]
 
 
 class ClassifierHead(nn.Module):
@@ -45,8 +45,8 @@ def replace_config(name: str, base, overrides: dict):
 
 
 class StemStagesClassifier(nn.Module):
-    """A stem, a sequence of stages and a classifier head (MobileOne, RepVGG): the feature and head
-    methods shared by such models. Subclasses build `self.stem` and `self.stages`, set
+    """A stem, a sequence of stages and a classifier head (MobileOne, RepVGG, FastViT): the feature
+    and head methods shared by such models. Subclasses build `self.stem` and `self.stages`, set
     `self.features_only`, then call `_init_features_and_head(cfg)` (`cfg.widths`,
     `cfg.features_only`, `cfg.num_classes`, `cfg.drop_rate`)."""
 
@@ -63,7 +63,7 @@ class StemStagesClassifier(nn.Module):
             self.head_key_prefixes = ("head.fc.",)
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of each stage, at strides 4, 8, 16 and 32."""
+        """The output of each stage (strides 4, 8, 16, 32, and 64 for a fifth stage)."""
         x = self.stem(x)
         features = []
         for stage in self.stages:

@@ -81,6 +81,8 @@ def test_pad_then_fill_in_float32():
     x = torch.randn(2, 8, 9, 9)
     fused = reparam.fuse(model, x)
     assert n_convs(fused) == 1 and n_bns(fused) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 class WrongFill(nn.Module):

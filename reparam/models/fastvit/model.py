@@ -23,6 +23,7 @@ from .blocks import (
     convolutional_stem,
     trunc_normal_,
 )
+from ..common import StemStagesClassifier
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class FastViTStage(nn.Module):
         return self.blocks(self.pos_emb(self.downsample(x)))
 
 
-class FastViT(nn.Module):
+class FastViT(StemStagesClassifier):
     """FastViT, from Vasu, Gabriel, Zhu, Tuzel and Ranjan, "FastViT: A Fast Hybrid Vision
     Transformer using Structural Reparameterization", ICCV 2023 (arXiv:2303.14189); the same
     network family also gives the MobileCLIP image towers (Vasu et al., "MobileCLIP", CVPR 2024;
@@ -152,25 +153,8 @@ class FastViT(nn.Module):
             self.head_key_prefixes = ("head.fc.",)
         self.apply(_init_weights)
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of each stage, at strides 4, 8, 16, 32 (and 64 with a fifth stage)."""
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            return self.forward_intermediates(x)
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(m: nn.Module) -> None:
