@@ -26,7 +26,7 @@ from .measure import count_params, counts
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
-from .passes.cleanup import deduplicate_metadata_checks
+from .passes.cleanup import deduplicate_metadata_checks, drop_implied_rank_checks
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
 from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
@@ -338,6 +338,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
     deduplicate_metadata_checks(gm, is_metadata_read)
+    drop_implied_rank_checks(gm)
     report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
                        for r in [*kept, *consts.unfolded, *forms.refusals]]
     sites: dict[str, list] = {}

@@ -7,6 +7,10 @@ traceable.
 
 from __future__ import annotations
 
+import dis
+import functools
+import inspect
+import linecache
 import operator
 from dataclasses import dataclass, field
 
@@ -86,6 +90,24 @@ class _FallbackTracer(torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
 
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        """`assert cond` on a traced value becomes a `torch._assert` node; other truth tests fail.
+
+        An assertion only ever lets execution continue one way, so the trace can take that way if
+        the graph checks the condition where the statement stood: an input that would have failed
+        the assertion fails the node instead. (torch.fx's own `trace_asserts` does not recognise
+        the bytecode of Python 3.11 and later.)"""
+        frame = inspect.currentframe()
+        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+        fails_when = _assertion_outcome(caller.f_code, caller.f_lasti) if caller is not None else None
+        if fails_when is None:
+            return super().to_bool(obj)
+        where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+        source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
+        condition = obj if fails_when is False else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (condition, f"{source} failed ({where})"), {})
+        return not fails_when
+
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
         return super().trace(root, concrete_args)
@@ -113,6 +135,39 @@ class _FallbackTracer(torch.fx.Tracer):
                 self.num_calls.update(calls)
             self.failed_leaves[qualname] = f"{type(exc).__name__}: {first_line(exc)}"
             return super().call_module(m, forward, args, kwargs)
+
+
+@functools.lru_cache(maxsize=256)
+def _instructions(code) -> tuple[dict[int, int], tuple[dis.Instruction, ...]]:
+    insts = tuple(dis.get_instructions(code))
+    return {inst.offset: i for i, inst in enumerate(insts)}, insts
+
+
+def _assertion_outcome(code, offset: int) -> bool | None:
+    """If the truth test at `offset` of `code` decides an `assert` statement, the truth value
+    that makes the assertion fail (False for `assert cond`, True for `assert not cond`); else None.
+
+    An assertion compiles to a conditional jump one of whose two ways starts with
+    LOAD_ASSERTION_ERROR; the other way is where execution goes on."""
+    index, insts = _instructions(code)
+    i = index.get(offset)
+    if i is None:
+        return None
+    if insts[i].opname == "TO_BOOL":  # Python 3.13: the truth test comes before the jump
+        i += 1
+    jump = insts[i] if i < len(insts) else None
+    if jump is None or "JUMP" not in jump.opname or "NONE" in jump.opname or i + 1 >= len(insts):
+        return None
+    if_true = jump.opname.endswith("IF_TRUE")
+    if not (if_true or jump.opname.endswith("IF_FALSE")):
+        return None
+    fall_through = insts[i + 1].opname == "LOAD_ASSERTION_ERROR"
+    target = index.get(jump.argval)
+    jumps_to_error = target is not None and insts[target].opname == "LOAD_ASSERTION_ERROR"
+    if fall_through == jumps_to_error:
+        return None
+    # Falling through to the error happens when the jump is not taken.
+    return (not if_true) if fall_through else if_true
 
 
 def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.Node]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
@@ -108,3 +111,118 @@ def _key(value):
         return ("slice", _key(value.start), _key(value.stop), _key(value.step))
     hash(value)
     return value
+
+
+# -- rank checks implied by an earlier one ------------------------------------------------------
+#
+# Rule: ops such as convolutions, norms and activations return a value of the rank of their input
+# (a Conv2d maps a 4-D input to 4-D and an unbatched 3-D one to 3-D), so along a chain of them
+# every value has one rank, whatever the input. Once a check `v.ndim == k` has passed, a later
+# check `w.ndim == k` on a value of the same chain can never fail: it is dropped. The first check
+# stays, so an input of another rank fails at the same place with the same message as before.
+#
+#     pattern   _assert(eq(ndim(w), k)) after _assert(eq(ndim(v), k)), in graph order
+#     check     v and w are linked by rank-preserving ops only (elementwise sums of values of
+#               one chain included)
+#     rewrite   erase the later assert (and its reads, once unused)
+
+_RANK_PRESERVING_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Identity,
+                            nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+                            nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU, nn.Dropout, nn.Dropout2d,
+                            nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+_RANK_PRESERVING_FUNCS = {torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.gelu, F.silu,
+                          F.hardswish, F.hardsigmoid, F.sigmoid, F.leaky_relu, F.elu, F.mish, F.dropout}
+_RANK_PRESERVING_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "half",
+                            "to"}
+_ELEMENTWISE = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+_ELEMENTWISE_METHODS = {"add", "sub", "mul"}
+
+
+def _rank_source(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The tensor inputs whose common rank `node`'s output has, or None if it is not such an op."""
+    args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _RANK_PRESERVING_MODULES) and len(args) == 1 and not node.kwargs:
+            return args
+        return None
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if (node.op == "call_function" and node.target in _RANK_PRESERVING_FUNCS
+            or node.op == "call_method" and node.target in _RANK_PRESERVING_METHODS):
+        return [node.args[0]] if all(not isinstance(a, torch.fx.Node) for a in node.args[1:]) else None
+    if (node.op == "call_function" and node.target in _ELEMENTWISE
+            or node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
+        # A sum of two values of one rank has that rank; a Python number leaves it unchanged.
+        operands = list(node.args[:2])
+        if len(operands) == 2 and all(isinstance(a, (torch.fx.Node, int, float)) for a in operands):
+            return [a for a in operands if isinstance(a, torch.fx.Node)]
+    return None
+
+
+def _rank_check(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(value, k) for `_assert(value.ndim == k, ...)`, `value.dim() == k`, `len(value.shape) == k`."""
+    if not (node.op == "call_function" and node.target in _ASSERTS and node.args
+            and isinstance(node.args[0], torch.fx.Node)):
+        return None
+    cond = node.args[0]
+    if not (cond.op == "call_function" and cond.target is operator.eq and len(cond.args) == 2):
+        return None
+    read, k = cond.args if isinstance(cond.args[0], torch.fx.Node) else reversed(cond.args)
+    if not isinstance(read, torch.fx.Node) or type(k) is not int:
+        return None
+    if read.op == "call_function" and read.target is getattr and read.args[1:] == ("ndim",):
+        value = read.args[0]
+    elif read.op == "call_method" and read.target in ("dim", "ndimension") and len(read.args) == 1:
+        value = read.args[0]
+    elif (read.op == "call_function" and read.target is len and isinstance(read.args[0], torch.fx.Node)
+          and read.args[0].op == "call_function" and read.args[0].target is getattr
+          and read.args[0].args[1:] == ("shape",)):
+        value = read.args[0].args[0]
+    else:
+        return None
+    return (value, k) if isinstance(value, torch.fx.Node) else None
+
+
+def drop_implied_rank_checks(gm: torch.fx.GraphModule) -> int:
+    """Erase rank asserts that an earlier rank assert on the same chain implies; return how many.
+
+    timm's norm layers each check `x.ndim == 4`; after fusion the convolutions that absorbed them
+    keep one check per block, a Python call each on every forward pass, where the hand-written
+    deploy form of such a network has none. Only the first check of each chain is needed."""
+    if any(n.op == "call_method" and n.target in _RESHAPING_IN_PLACE for n in gm.graph.nodes):
+        return 0
+    parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(n):
+        root = n
+        while parent.get(root, root) is not root:
+            root = parent[root]
+        while n is not root:
+            parent[n], n = root, parent.get(n, n)
+        return root
+
+    proven: dict[torch.fx.Node, set[int]] = {}  # chain root -> ranks checked so far, in graph order
+    removed = 0
+    for node in list(gm.graph.nodes):
+        check = _rank_check(node)
+        if check is not None:
+            value, k = check
+            ranks = proven.setdefault(find(value), set())
+            if k in ranks:
+                gm.graph.erase_node(node)
+                removed += 1
+            else:
+                ranks.add(k)
+            continue
+        sources = _rank_source(gm, node)
+        if not sources:
+            continue
+        roots = {find(s) for s in sources}
+        if len(roots) != 1:
+            continue  # values of different chains: their ranks may differ
+        root = roots.pop()
+        parent[node] = root
+    if removed:
+        remove_dead_nodes(gm)
+    return removed

@@ -44,9 +44,16 @@ def test_conv_bn_act_with_shape_assert_folds_when_channels_change():
     assert n_convs(fused) == 2 and n_bns(fused) == 0
     assert not fused.report.refusals
     assert_same(model, fused, x)
-    # The asserts are still there, reading a value of the same shape.
+    # The first assert is still there, reading a value of the same shape; the second one is implied
+    # by it (conv, relu and conv keep the rank), and a 3-D input still fails the first.
     asserts = [n for n in fused.graph.nodes if n.target is torch._assert]
-    assert len(asserts) == 2
+    assert len(asserts) == 1
+    try:
+        fused(x[0])
+    except AssertionError as exc:
+        assert "expected 4D input" in str(exc)
+    else:
+        raise AssertionError("the rank check was lost")
 
 
 class ManyReads(nn.Module):
@@ -151,12 +158,13 @@ def test_repeated_rank_checks_on_one_fused_value_run_once():
     assert_same(model, fused, x)
     asserts = [n for n in fused.graph.nodes if n.target is torch._assert]
     # Before fusion: 5 norms with a rank check and one channel check per block. After: each block's
-    # rank checks all read the one input of the block, so one stays, beside the channel check.
+    # rank checks all read the one input of the block, so one stays per block, and the second
+    # block's is implied by the first (conv, relu, conv keep the rank): one in all, beside the two
+    # channel checks.
     before = torch.fx.symbolic_trace(model)
     assert sum(n.target is torch._assert for n in before.graph.nodes) == 12
     assert sorted(str(n.args[1]) for n in asserts).count("channels") == 2
-    assert len(asserts) == 4
-    assert len({n.args[0].args[0].args[0] for n in asserts if n.args[1] != "channels"}) == 2
+    assert len(asserts) == 3
     # The checks that stay still check: a 3-D input (which conv2d would accept) fails.
     try:
         fused(x[0])
@@ -164,3 +172,47 @@ def test_repeated_rank_checks_on_one_fused_value_run_once():
         assert "expected 4D input" in str(exc)
     else:
         raise AssertionError("the rank check was lost")
+
+
+class TwoInputs(nn.Module):
+    """Rank checks that no earlier check implies: on another input, after a flatten, with another
+    rank, and on a sum of values of two inputs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = ConvNormAct(c, c, 3)
+        self.b = ConvNormAct(c, c, 3)
+        self.c = ConvNormAct(c, c, 1)
+        self.d = ConvNormAct(c, c, 1)
+
+    def forward(self, x, y):
+        u = torch.relu(self.a(x))  # checks x-chain: 4
+        v = self.b(y)  # y is another input: its check stays
+        w = self.c(u + v)  # u + v joins two chains: its check stays
+        torch._assert(w.dim() == 4, "w is 4-D")  # implied by the check just above (same value)
+        z = self.d(torch.relu(w))  # implied: relu keeps w's rank
+        flat = z.flatten(2)
+        torch._assert(flat.ndim == 3, "flattened")  # another rank, after a rank-changing op: stays
+        return flat + u.mean()
+
+
+def test_rank_checks_implied_by_an_earlier_one_are_dropped():
+    from reparam.passes.cleanup import drop_implied_rank_checks
+
+    torch.manual_seed(5)
+    model = TwoInputs(4).double().eval()
+    x, y = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, (x, y))
+    assert n_convs(fused) == 4 and n_bns(fused) == 0
+    assert_same(model, fused, x, y)
+    messages = sorted(str(n.args[1]) for n in fused.graph.nodes if n.target is torch._assert)
+    assert messages.count("flattened") == 1 and "w is 4-D" not in messages
+    assert sum("expected 4D" in m for m in messages) == 3  # x, y and the joined chain
+    assert drop_implied_rank_checks(fused) == 0  # nothing more to drop
+    for bad in ((x[0], y), (x, y[0])):  # a 3-D input on either side still fails its check
+        try:
+            fused(*bad)
+        except AssertionError as exc:
+            assert "expected 4D input" in str(exc)
+        else:
+            raise AssertionError("a rank check was lost")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dis
+
 import pytest
 import torch
 import torch.fx
@@ -11,8 +13,9 @@ from torch import nn
 
 import reparam
 from reparam.errors import TraceFailure
-from reparam.trace import trace
+from reparam.trace import _assertion_outcome, trace
 
+from .asserting_blocks import AssertingBlock, OrAssert, truth_tests
 from .helpers import assert_same, conv_bn, n_bns, n_convs, randomize_bn, rbn
 
 torch.manual_seed(0)
@@ -195,3 +198,45 @@ def test_star_import_of_trace():
     namespace: dict = {}
     exec("from reparam.trace import *", namespace)
     assert "trace" in namespace and "fold_constants" in namespace
+
+
+def test_python_asserts_are_traced_as_checks_and_keep_failing():
+    model = AssertingBlock(4).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert isinstance(fused, torch.fx.GraphModule), "the model's own forward must be traced"
+    assert not fused.report.leaves and not fused.report.refusals
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    assert_same(model, fused, x)
+    checks = [n for n in fused.graph.nodes if n.target is torch._assert]
+    assert 3 <= len(checks) <= 6
+    # Every input the original rejects, the fused model rejects where the same statement stood.
+    with pytest.raises(AssertionError, match=r"assert x\.dim\(\) == 4"):
+        fused(torch.randn(4, 6, 6, dtype=torch.float64))
+    with pytest.raises(AssertionError, match=r"assert C == self\.c"):
+        fused(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(AssertionError):
+        model(bad)
+    with pytest.raises(AssertionError, match="isfinite"):
+        fused(bad)
+
+
+def test_assert_spellings_decide_the_right_way():
+    code = truth_tests.__code__
+    outcomes = [_assertion_outcome(code, inst.offset) for inst in dis.get_instructions(code)
+                if "JUMP" in inst.opname and "IF_" in inst.opname]
+    # assert x / assert not x / both operands of `and` / `or`'s first operand (which does not decide
+    # alone), its second one / a plain `if`.
+    assert outcomes == [False, True, False, False, None, False, None]
+
+
+def test_assert_that_does_not_decide_alone_keeps_the_fallback():
+    model = OrAssert(RepBlock(4)).double().eval()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert isinstance(fused, OrAssert)
+    assert fused.report.leaves[0].module == "OrAssert (the model itself)"
+    assert [r.name for r in fused.report.regions] == ["block.fused_0"]
+    assert_same(model, fused, x)
