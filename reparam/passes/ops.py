@@ -124,6 +124,25 @@ def member_name(node: torch.fx.Node) -> str:
     return f"{node.name}({attrs[0]})" if attrs else node.name
 
 
+_FORWARD_METHODS = ("forward", "_conv_forward", "_check_input_dim")
+
+
+def computes_as_its_torch_base(m: nn.Module) -> bool:
+    """Does `m` compute what the torch.nn class it derives from computes?
+
+    A subclass of a torch.nn layer that overrides `forward` (timm's `Conv2dSame` pads by the input
+    size; weight-standardized convs rescale their weight) is another operation, although its
+    attributes (`padding`, `weight`) look the same. Such a module is traced through when it can be;
+    when it cannot (it stays a leaf call), it must not be read as its base class."""
+    cls = type(m)
+    if cls.__module__.startswith("torch.nn"):
+        return True
+    base = next((b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn.modules")), None)
+    if base is None:
+        return False
+    return all(getattr(cls, name, None) is getattr(base, name, None) for name in _FORWARD_METHODS)
+
+
 def _tensor_input(node) -> bool:
     """A tensor computed from the inputs (constants were folded into get_attr nodes)."""
     return isinstance(node, torch.fx.Node) and node.op != "get_attr" and shape_of(node) is not None
@@ -175,6 +194,8 @@ class Classifier:
     def _module(self, node, m: nn.Module) -> LinearOp | None:
         if not node.args or not _tensor_input(node.args[0]) or len(node.args) != 1 or node.kwargs:
             return None
+        if not computes_as_its_torch_base(m):
+            return None  # a subclass that computes something else (TF "same" padding, say)
         x = node.args[0]
         name = str(node.target)
         if isinstance(m, _CONV_MODULES):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dis
+import math
 
 import pytest
 import torch
@@ -240,3 +241,51 @@ def test_assert_that_does_not_decide_alone_keeps_the_fallback():
     assert fused.report.leaves[0].module == "OrAssert (the model itself)"
     assert [r.name for r in fused.report.regions] == ["block.fused_0"]
     assert_same(model, fused, x)
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow "same" padding computed from the input size (timm's `Conv2dSame`): Python
+    arithmetic on sizes makes it untraceable, and its own `padding` attribute is 0."""
+
+    def __init__(self, ci, co, k, stride):
+        super().__init__(ci, co, k, stride, padding=0, bias=False)
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization in forward (timm's `StdConv2d` style): traceable, folds as a constant."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class NamedConv(nn.Conv2d):
+    """A subclass that only adds a constructor: it computes what Conv2d computes."""
+
+    def __init__(self, c):
+        super().__init__(c, c, 3, padding=1, bias=False)
+
+
+def test_subclasses_of_torch_layers_are_read_by_what_they_compute():
+    torch.manual_seed(6)
+    model = nn.Sequential(SamePadConv(4, 6, 3, 2), rbn(6), nn.ReLU(),
+                          StandardizedConv(6, 6, 3, padding=1, bias=False), rbn(6), nn.ReLU(),
+                          NamedConv(6), rbn(6)).double().eval()
+    for size in (9, 10):
+        x = torch.randn(1, 4, size, size, dtype=torch.float64)
+        fused = reparam.fuse(model, x)
+        assert_same(model, fused, x)
+        # The same-padded conv is a leaf whose padding attribute says 0: it is not read as a plain
+        # Conv2d (that lost the padding), so its BatchNorm stays; the report names the leaf.
+        assert [leaf.module for leaf in fused.report.leaves] == ["0"]
+        assert n_bns(fused) == 1 and n_convs(fused) == 3
+        other = torch.randn(1, 4, size + 3, size + 3, dtype=torch.float64)
+        assert_same(model, fused, other)
