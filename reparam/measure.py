@@ -130,8 +130,9 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
     constants (global average pooling, `mean` over spatial axes), which a pointwise map moves
     through (passes/commute.py). Such a pair is accounted for when a refusal of the report
     (`fused.report` unless given) names one of the two, or one of the operations a fused region in
-    the pair replaced. Returns "A -> B" for each pair that is not; an empty list means every
-    linear operation left is either alone or explained.
+    the pair replaced. A per-channel map read by several operations, one of them linear, must be
+    named as well (it could fold into each of its readers). Returns "A -> B" for each pair that is
+    not; an empty list means every linear operation left is either alone or explained.
     """
     from .passes.ops import Classifier, member_name
     from .trace import Constants
@@ -169,9 +170,21 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
             return x if k in ("affine", "scale", "shift") else None
         return None
 
+    def per_channel(node) -> bool:
+        if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
+            return True
+        rule = classify(node)
+        return rule is not None and (rule.kind in ("scale", "shift")
+                                     or rule.kind == "affine" and rule.op.is_per_channel)
+
     missing = []
     for node in fused.graph.nodes:
         if kind(node) not in ("affine", "scale", "shift"):
+            continue
+        readers = [u for u in node.users if kind(u) in ("affine", "scale", "shift")]
+        if len(node.users) > 1 and readers and per_channel(node) and not names(node) & named:
+            # A per-channel map read by several operations could fold into each linear one.
+            missing.append(f"{member_name(node)} -> {', '.join(member_name(u) for u in readers)}")
             continue
         before = linear_input(node)
         if before is None:

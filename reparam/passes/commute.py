@@ -57,10 +57,18 @@ def channel_axis_after_average(rule: LinearOp, axis: int) -> int | None:
 
 def linear_follower(forms: "LinearFormPass", node: torch.fx.Node) -> torch.fx.Node | None:
     """The linear operation reading `node`'s value through identities, layout steps and averages,
-    each the only reader of the one before; None when something else reads it first."""
+    each the only reader of the one before (or the first of several linear readers at the end);
+    None when something else reads it first."""
     current = node
     while True:
         users = forms._real_users(current)
+        if len(users) > 1:
+            # Several readers (a classifier and a distillation head): each must be linear, and
+            # takes its own copy of the map (`LinearFormPass.shared_fold_problem`).
+            if all((rule := forms.classify(u)) is not None and rule.kind in _LINEAR and rule.inputs
+                   and rule.inputs[0] is current for u in users):
+                return users[0]
+            return None
         if len(users) != 1:
             return None
         user = users[0]

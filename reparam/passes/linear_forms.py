@@ -245,6 +245,11 @@ class LinearFormPass:
         self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
         self.sum_parts: dict[torch.fx.Node, list[SumPart]] = {}  # sums computed as several parts
         self._index = {n: i for i, n in enumerate(gm.graph.nodes)}
+        # Per-channel maps with several readers: why they cannot fold into all of them (None: they
+        # can), and how many readers have yet to take theirs in.
+        self._shared: dict[torch.fx.Node, str | None] = {}
+        self._shared_pending: dict[torch.fx.Node, int] = {}
+        self._shared_reported: set[torch.fx.Node] = set()
         self._visitors = {
             "affine": self._visit_affine,
             "refused": self._visit_refused,
@@ -277,7 +282,11 @@ class LinearFormPass:
             self._rules.pop(node, None)
             for x in node.all_input_nodes:
                 if x in self.absorbed:
-                    self.forms.pop(x, None)
+                    pending = self._shared_pending.get(x, 1) - 1
+                    if pending <= 0:  # a shared map's form stays until its last reader took it in
+                        self.forms.pop(x, None)
+                    else:
+                        self._shared_pending[x] = pending
                     continue
                 left = unvisited.get(x, len(x.users)) - 1
                 unvisited[x] = left
@@ -367,11 +376,54 @@ class LinearFormPass:
         return False
 
     def absorbable(self, node: torch.fx.Node, consumer: torch.fx.Node | None = None) -> bool:
-        """Can `consumer` fold `node`'s form into its own? Only for a single consumer."""
+        """Can `consumer` fold `node`'s form into its own? For a single consumer, or for a
+        per-channel map that every one of its readers folds in (`shared_fold_problem`)."""
         form = self.forms.get(node)
-        if form is None or len(self._real_users(node)) != 1:
+        if form is None:
             return False
-        return self._carrier_problem(node, consumer) is None
+        readers = len(self._real_users(node))
+        if readers > 1:
+            return self.shared_fold_problem(node) is None
+        return readers == 1 and self._carrier_problem(node, consumer) is None
+
+    def shared_fold_problem(self, node: torch.fx.Node) -> str | None:
+        """Why `node`'s form cannot be folded into each of its several readers, or None.
+
+        Rule: a per-channel map read by several linear operations, `a(m(x))`, `b(m(x))`, becomes
+        `(a.m)(x)`, `(b.m)(x)`: each reader takes a copy of the map, which costs it nothing (the
+        geometry of a composition with a per-channel map is the reader's own), and the map is no
+        longer computed. Only when every reader takes it: otherwise nothing is saved."""
+        if node in self._shared:
+            return self._shared[node]
+        form = self.forms[node]
+        problem = None
+        moved = self._move_after_before(form) if form.after else form
+        if not form.op.is_per_channel or form.alternative is not None:
+            problem = "it is not a per-channel map: each reader would compute it again"
+        elif moved is None:
+            problem = "a layout change between it and its readers cannot be moved before it"
+        else:
+            problem = self._carrier_problem(node, None)
+        shape = shape_of(node)
+        for reader in self._real_users(node) if problem is None else ():
+            rule = self.classify(reader)
+            if (rule is None or rule.kind != "affine" or len(rule.inputs) != 1 or rule.inputs[0] is not node
+                    or shape is None):
+                problem = f"{reader.name} reads it and cannot take a per-channel map in"
+                break
+            axis = rule.axis % len(shape)
+            op = at_layout(rule.op, len(shape), axis)
+            if op is None or axis != form.axis:
+                problem = f"{reader.name} reads it along another axis"
+                break
+            reason = affine.compose_refusal(op, moved.op)
+            if reason:
+                problem = f"{reader.name} cannot take it in: {reason}"
+                break
+        self._shared[node] = problem
+        if problem is None:
+            self._shared_pending[node] = len(self._real_users(node))
+        return problem
 
     def absorb(self, node: torch.fx.Node, consumer: torch.fx.Node) -> None:
         """Fold `node` into `consumer`; its metadata reads go to the source or travel on."""
@@ -495,6 +547,11 @@ class LinearFormPass:
             problem = self._carrier_problem(x, node)
             if problem:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
+        elif x in self.forms and x not in self._shared_reported and self.forms[x].op.is_per_channel:
+            self._shared_reported.add(x)
+            readers = self._real_users(x)
+            self.refuse(", ".join(self.forms[x].members + tuple(r.name for r in readers)),
+                        f"kept: read by {len(readers)} operations, and {self.shared_fold_problem(x)}")
         return Form(x, op, axis, axis, len(out_shape), members=(member,), parts_cost=own_cost, parts_macs=own_macs,
                     origin=node, n_ops=1, alternative=alternative)
 
