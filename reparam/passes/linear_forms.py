@@ -483,6 +483,10 @@ class LinearFormPass:
         form, owned = self.input_form(x, None, node)
         if form is None:
             return None
+        if node.op == "call_method" and node.target == "contiguous" and (not owned or form.after):
+            # `contiguous()` copies a strided view (a transpose) into a dense tensor, which a `view`
+            # after it may need: it is an identity only on the fresh output of a fused operator.
+            return None
         if owned:
             self.absorb(x, node)
             return replace(form, members=form.members + (rule.member,), origin=None)

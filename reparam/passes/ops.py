@@ -124,6 +124,13 @@ def member_name(node: torch.fx.Node) -> str:
     return f"{node.name}({attrs[0]})" if attrs else node.name
 
 
+def _static_sizes(value) -> bool:
+    """Is `value` None, an int, or a list or tuple of ints (not a value computed in the graph)?"""
+    if isinstance(value, (list, tuple)):
+        return all(type(v) is int for v in value)
+    return value is None or type(value) is int
+
+
 _FORWARD_METHODS = ("forward", "_conv_forward", "_check_input_dim")
 
 
@@ -386,6 +393,8 @@ class Classifier:
         return LinearOp("affine", [x], op=affine.zero_pad(shape[1], per_axis, nd), axis=1, member=name)
 
     def _pool(self, x, nd, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor, name):
+        if not all(_static_sizes(v) for v in (kernel_size, stride, padding, divisor)):
+            return None  # a window computed from the input's shape (`kernel_size=x.size(3)`)
         padded = padding not in (0, (0,) * nd, [0] * nd)
         if divisor is None and (ceil_mode or (padded and not count_include_pad)) and \
                 (not padded or not count_include_pad):

@@ -289,3 +289,66 @@ def test_subclasses_of_torch_layers_are_read_by_what_they_compute():
         assert n_bns(fused) == 1 and n_convs(fused) == 3
         other = torch.randn(1, 4, size + 3, size + 3, dtype=torch.float64)
         assert_same(model, fused, other)
+
+
+class SqueezeExcite(nn.Module):
+    """RepVGG's SE block: a global pool whose window is read from the input's shape."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.down, self.up, self.c = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1), c
+
+    def forward(self, inputs):
+        x = F.avg_pool2d(inputs, kernel_size=inputs.size(3))
+        x = torch.sigmoid(self.up(F.relu(self.down(x))))
+        return inputs * x.view(-1, self.c, 1, 1)
+
+
+class RepVGGWithSE(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.rbr_dense, self.rbr_1x1, self.rbr_identity = conv_bn(c, c, 3), conv_bn(c, c, 1), rbn(c)
+        self.se = SqueezeExcite(c)
+
+    def forward(self, inputs):
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
+        return F.relu(self.se(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out))
+
+
+def test_pool_window_read_from_the_input_shape_is_left_as_written():
+    model = RepVGGWithSE(4).double().eval()
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)  # used to fail inside the classifier
+    assert n_convs(fused) == 3 and n_bns(fused) == 0  # the block's branches, and the SE's two convs
+    assert any(n.target is F.avg_pool2d for n in fused.graph.nodes)
+    assert_same(model, fused, x)
+    assert_same(model, fused, torch.randn(2, 4, 9, 9, dtype=torch.float64))
+
+
+class ShuffledConvs(nn.Module):
+    """A channel shuffle (view, transpose, contiguous, view) between convolutions and norms."""
+
+    def __init__(self, c, groups=2):
+        super().__init__()
+        self.groups = groups
+        self.conv = nn.Conv2d(c, c, 1, groups=groups, bias=False)
+        self.bn = rbn(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = rbn(c)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.size()
+        x = x.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        x = F.relu(self.bn(x))
+        return self.bn2(self.conv2(x).contiguous())  # a fresh output made contiguous: an identity
+
+
+def test_contiguous_after_a_transpose_stays_and_after_a_conv_folds():
+    model = ShuffledConvs(8).double().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert_same(model, fused, x)
+    # The shuffle's contiguous() stays (the view after it needs it); the one after conv2 goes.
+    assert sum(n.target == "contiguous" for n in fused.graph.nodes) == 1
+    assert n_convs(fused) == 2 and n_bns(fused) == 1  # bn after the shuffle stays
