@@ -551,7 +551,8 @@ class LinearFormPass:
             problem = self._carrier_problem(x, node)
             if problem:
                 self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
-        elif x in self.forms and x not in self._shared_reported and self.forms[x].op.is_per_channel:
+        elif (x in self.forms and x not in self._shared_reported and self.forms[x].op.is_per_channel
+              and not self.forms[x].op.is_identity):
             self._shared_reported.add(x)
             readers = self._real_users(x)
             self.refuse(", ".join(self.forms[x].members + tuple(r.name for r in readers)),
