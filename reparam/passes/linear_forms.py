@@ -457,6 +457,13 @@ class LinearFormPass:
             form = self.forms[node]
             if axis is None or form.axis == axis % len(shape):
                 return form, True
+            if form.op.is_identity and not form.has_layout:
+                # An identity (Dropout, nn.Identity before a Linear on the last axis) is one along
+                # every axis: restate it along the consumer's.
+                along = self.identity_form(form.source, axis)
+                if along is not None:
+                    return replace(form, op=along.op, axis=along.axis, op_axis=along.op_axis,
+                                   op_ndim=along.op_ndim), True
         return self.identity_form(node, 1 if axis is None else axis), False
 
     def _own_axis(self, node, consumer) -> int | None:
