@@ -323,7 +323,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     gm, failed = trace(module)
     try:
-        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed))
+        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)
     except Exception as exc:
         _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
