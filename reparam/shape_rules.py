@@ -34,6 +34,9 @@ from torch import nn
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _BN_MODULES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
+# Elementwise activations: the result has the input's shape, dtype and (dense) layout.
+_ACTIVATION_MODULES = {nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.LeakyReLU, nn.Mish, nn.ELU}
 _FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 # Ops whose result shape depends only on the shapes of their inputs, and which raise no error that
@@ -64,7 +67,7 @@ _METHOD_CONSUMERS = {
 _MODULE_CONSUMERS = {
     *_CONV_MODULES, *_BN_MODULES, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Identity, nn.Dropout,
     nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Softmax, nn.AvgPool1d, nn.AvgPool2d,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Mish, nn.ELU, nn.Softmax, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten,
 }
 # Conversions (`to`, `type_as`, `long`) are left out on purpose: integer zeros can divide by zero.
@@ -98,7 +101,10 @@ def _is_candidate(node: torch.fx.Node, modules: dict, leaves: set[str]) -> bool:
     if node.op == "call_module":
         if node.target in leaves:
             return False
-        kind = type(modules[node.target])
+        module = modules[node.target]
+        kind = type(module)
+        if kind in _ACTIVATION_MODULES:
+            return getattr(module, "inplace", False) is False  # in place, it returns its input itself
         return kind in _CONV_MODULES or kind is nn.Linear or kind in _BN_MODULES
     if node.op == "call_function":
         return node.target in _CONV_FUNCTIONS or node.target is F.linear
@@ -224,6 +230,11 @@ def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs:
             rank = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[kind]
             return _batch_norm(args[0], rank, module.num_features, module.weight, module.bias,
                                module.running_mean, module.running_var)
+        if kind in _ACTIVATION_MODULES:
+            x = args[0] if len(args) == 1 and not kwargs else None
+            if getattr(module, "inplace", False) is not False or not isinstance(x, torch.Tensor):
+                return None
+            return _zeros(x, x.shape) if _like(x) and _dense(x) else None
         return None
     try:
         bound = _signature(node.target).bind(*args, **kwargs)

@@ -57,6 +57,7 @@ def _same_layout(fake: torch.Tensor, real: torch.Tensor):
     assert not fake.requires_grad and not bool(fake.any())  # zeros, never uninitialized memory
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @given(conv_configs())
 def test_conv_module_stand_in_matches_real_execution(cfg):
     module_type, _ = _CONV[cfg["nd"]]
@@ -73,6 +74,7 @@ def test_conv_module_stand_in_matches_real_execution(cfg):
         _same_layout(fake, real)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @given(conv_configs())
 def test_conv_function_stand_in_matches_real_execution(cfg):
     _, function = _CONV[cfg["nd"]]
@@ -128,11 +130,22 @@ def test_conv_with_another_padding_mode_or_hooks_runs_for_real():
     (nn.BatchNorm1d(4), torch.randn(3, 4, 6)),
     (nn.BatchNorm2d(4), torch.randn(2, 4, 3, 5)),
     (nn.BatchNorm3d(4), torch.randn(1, 4, 2, 3, 5)),
+    (nn.GELU(), torch.randn(2, 4, 3, 5)),
+    (nn.GELU(approximate="tanh"), torch.randn(3, 5, dtype=torch.float64)),
+    (nn.ReLU(), torch.randn(2, 4, 3)),
+    (nn.Hardswish(), torch.randn(2, 4, 3, 3)),
 ])
-def test_linear_and_batch_norm_stand_ins_match_real_execution(module, x):
+def test_linear_norm_and_activation_stand_ins_match_real_execution(module, x):
     module.eval()
     with torch.no_grad():
         _same_layout(stand_in(None, module, (x,), {}), module(x))
+
+
+def test_in_place_activations_and_other_layouts_run_for_real():
+    x = torch.randn(2, 4, 3, 3)
+    assert stand_in(None, nn.ReLU(inplace=True), (x,), {}) is None  # it returns its input itself
+    assert stand_in(None, nn.GELU(), (x.transpose(2, 3),), {}) is None
+    assert stand_in(None, nn.Linear(3, 5), (x.transpose(2, 3),), {}) is None
 
 
 def test_batch_norm_in_training_mode_runs_for_real():
