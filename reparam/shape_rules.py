@@ -31,6 +31,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .passes.functionalize import (_ALLOCATING_FUNCTIONS, _ALLOCATING_METHODS, _ALLOCATING_MODULES,
+                                   updates_in_place)
+
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _BN_MODULES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
@@ -107,14 +110,17 @@ def _is_candidate(node: torch.fx.Node, modules: dict, leaves: set[str]) -> bool:
             return getattr(module, "inplace", False) is False  # in place, it returns its input itself
         return kind in _CONV_MODULES or kind is nn.Linear or kind in _BN_MODULES
     if node.op == "call_function":
+        if node.target is F.batch_norm:  # in eval mode only: training updates the running statistics
+            training = node.kwargs["training"] if "training" in node.kwargs else (
+                node.args[5] if len(node.args) > 5 else False)
+            return training is False
         return node.target in _CONV_FUNCTIONS or node.target is F.linear
     return False
 
 
 def _taint(gm, candidates, leaves, modules):
     """(tainted nodes, nodes that may not consume a tainted value), in one pass."""
-    from .passes.functionalize import updates_in_place
-    from .trace import is_shape_query
+    from .trace import is_shape_query  # (trace imports this module)
 
     tainted: set[torch.fx.Node] = set()
     fake_memory: set[torch.fx.Node] = set()  # tainted nodes whose memory only tainted values hold
@@ -125,6 +131,8 @@ def _taint(gm, candidates, leaves, modules):
             fake_memory.add(node)
             continue
         if node.op in ("placeholder", "get_attr", "output") or is_shape_query(node):
+            continue
+        if not any(a in tainted for a in node.all_input_nodes):
             continue
         positions = _tainted_positions(node, tainted)
         if not positions:
@@ -179,8 +187,6 @@ def _consumes(node, positions, modules, leaves) -> bool:
 
 
 def _allocates(node, modules) -> bool:
-    from .passes.functionalize import _ALLOCATING_FUNCTIONS, _ALLOCATING_METHODS, _ALLOCATING_MODULES
-
     if node.op == "call_module":
         return isinstance(modules[node.target], _ALLOCATING_MODULES)
     if node.op == "call_method":
@@ -241,6 +247,12 @@ def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs:
     except TypeError:
         return None
     a = bound.arguments
+    if node.target is F.batch_norm:
+        x, mean = a.get("input"), a.get("running_mean")
+        if a.get("training", False) is not False or not isinstance(x, torch.Tensor) or not isinstance(
+                mean, torch.Tensor) or x.dim() < 2:
+            return None
+        return _batch_norm(x, (x.dim(),), x.shape[1], a.get("weight"), a.get("bias"), mean, a.get("running_var"))
     if node.target is F.linear:
         return _linear(a.get("input"), a.get("weight"), a.get("bias"))
     nd = _CONV_FUNCTIONS.get(node.target)
@@ -259,6 +271,9 @@ def _signature(fn) -> inspect.Signature:
         if fn in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d):
             params = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        elif fn is F.batch_norm:
+            params = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+            defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
         else:  # F.linear
             params, defaults = ["input", "weight", "bias"], {"bias": None}
         sig = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -345,7 +360,7 @@ def _linear(x, weight, bias):
 
 
 def _batch_norm(x, ranks, features, weight, bias, mean, var):
-    if not isinstance(x, torch.Tensor) or not _like(x, weight, bias, mean, var):
+    if not isinstance(x, torch.Tensor) or not isinstance(var, torch.Tensor) or not _like(x, weight, bias, mean, var):
         return None
     if x.dim() not in ranks or x.shape[1] != features or not _dense(x):
         return None

@@ -324,6 +324,10 @@ def _meta(t: torch.Tensor) -> TensorMetadata:
                           False, {})
 
 
+# Below this many input elements the arithmetic costs about what deciding which of it to skip does.
+_WORTH_SKIPPING = 8192
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = frozenset(), *,
                      values: bool = True):
     """Annotate every node with the shape of its value on `args`; returns (output, leaf inputs).
@@ -332,7 +336,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = f
     convolutions, linear layers and norms whose values nothing else needs skip their arithmetic
     (`shape_rules`); the returned output then has the right shape but not the right values. Errors
     are those of running the graph either way: a stand-in that meets anything unusual runs the op."""
-    shape_only = frozenset() if values else shape_only_nodes(gm, set(leaves))
+    small = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) < _WORTH_SKIPPING
+    shape_only = frozenset() if values or small else shape_only_nodes(gm, set(leaves))
     recorder = _ShapeRecorder(gm, set(leaves), shape_only)
     with torch.no_grad():
         out = recorder.run(*args)

@@ -23,6 +23,14 @@ from reparam.trace import propagate_shapes, trace
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
+@pytest.fixture(autouse=True)
+def skip_even_for_small_inputs(monkeypatch):
+    """The small inputs here would otherwise be computed for real (not worth skipping)."""
+    import reparam.trace
+
+    monkeypatch.setattr(reparam.trace, "_WORTH_SKIPPING", 0)
+
+
 @st.composite
 def conv_configs(draw):
     nd = draw(st.integers(1, 3))
@@ -150,8 +158,14 @@ def test_in_place_activations_and_other_layouts_run_for_real():
 
 def test_batch_norm_in_training_mode_runs_for_real():
     bn = nn.BatchNorm2d(4)  # training mode updates its running statistics: that must happen
-    assert stand_in(None, bn, (torch.randn(2, 4, 3, 3),), {}) is None
-    assert stand_in(None, bn.eval(), (torch.randn(2, 4, 3, 3),), {}) is not None
+    x = torch.randn(2, 4, 3, 3)
+    assert stand_in(None, bn, (x,), {}) is None
+    assert stand_in(None, bn.eval(), (x,), {}) is not None
+    node = _FunctionNode(F.batch_norm)
+    stats = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    assert stand_in(node, None, (x, *stats, True, 0.1, 1e-5), {}) is None
+    _same_layout(stand_in(node, None, (x, *stats), {"training": False}), F.batch_norm(x, *stats))
+    assert stand_in(node, None, (torch.randn(2, 5, 3), *stats), {}) is None  # channels do not match
 
 
 # -- whole graphs: shapes as with real execution, real values where they are needed -------------
@@ -217,6 +231,35 @@ class RealMemoryUpdated(nn.Module):
         out = torch.relu(x)
         out += self.a(x)
         return self.b(out)
+
+
+class FunctionalNorm(nn.BatchNorm2d):
+    """A norm that calls F.batch_norm on its own parameters, as model libraries write it."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class SumInPlace(nn.Module):
+    """MobileOne's `out = norm(x); out += conv(x)` over a ModuleList, then a layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = FunctionalNorm(3)
+        self.convs = nn.ModuleList(nn.Conv2d(3, 3, 3, padding=1) for _ in range(2))
+        self.gamma = nn.Parameter(torch.full((3, 1, 1), 0.5))
+
+    def forward(self, x):
+        out = self.norm(x)
+        for conv in self.convs:
+            out += conv(x)
+        return torch.relu(self.gamma * out)
+
+
+def test_in_place_sum_into_a_stand_in():
+    gm, skipped = _both_ways(SumInPlace(), torch.randn(1, 3, 6, 6))
+    assert {n.target for n in skipped if n.op == "call_module"} == {"convs.0", "convs.1"}
+    assert [n.target for n in skipped if n.op == "call_function"] == [F.batch_norm]
 
 
 def test_in_place_write_into_real_memory_runs_the_conv():
@@ -294,7 +337,7 @@ def _random_biases(model):
     return model
 
 
-@pytest.mark.parametrize("make", [WithLeaf, RealMemoryUpdated, Mixed])
+@pytest.mark.parametrize("make", [WithLeaf, RealMemoryUpdated, Mixed, SumInPlace])
 def test_fuse_gives_the_same_result_as_with_real_values(make, monkeypatch):
     fused = _fuse_both_ways(_random_biases(make()), torch.randn(1, 3, 6, 6), monkeypatch)
     if make is WithLeaf:
