@@ -260,6 +260,7 @@ class LinearFormPass:
         self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
         self.sum_parts: dict[torch.fx.Node, list[SumPart]] = {}  # sums computed as several parts
         self._index = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._identities: dict[tuple[int, int], AffineConv] = {}
         self._visitors = {
             "affine": self._visit_affine,
             "refused": self._visit_refused,
@@ -408,7 +409,10 @@ class LinearFormPass:
         if shape is None or len(shape) < 2:
             return None
         axis %= len(shape)
-        op = affine.identity(shape[axis], spatial_dims(len(shape), axis))
+        key = (shape[axis], spatial_dims(len(shape), axis))
+        op = self._identities.get(key)
+        if op is None:  # one per size: operators are values, never updated in place
+            op = self._identities[key] = affine.identity(*key)
         return Form(node, op, axis, axis, len(shape))
 
     def input_form(self, node: torch.fx.Node, axis: int | None, consumer: torch.fx.Node) -> tuple[Form | None, bool]:
