@@ -77,11 +77,14 @@ _MODULE_CONSUMERS = {
 _FIRST_KEYS = {0, "input", "self"}
 
 
-def shape_only_nodes(gm: torch.fx.GraphModule, leaves: set[str]) -> set[torch.fx.Node]:
-    """The nodes whose values may be replaced by zeros of the right shape (see the module doc)."""
+def shape_only_nodes(gm: torch.fx.GraphModule, leaves: set[str], modules: dict | None = None) -> set[torch.fx.Node]:
+    """The nodes whose values may be replaced by zeros of the right shape (see the module doc).
+
+    `modules`: `dict(gm.named_modules())`, when the caller has it already."""
     if _global_hooks() or _autocast():
         return set()
-    modules = dict(gm.named_modules())
+    if modules is None:
+        modules = dict(gm.named_modules())
     candidates = {n for n in gm.graph.nodes if _is_candidate(n, modules, leaves)}
     while candidates:
         tainted, blocked = _taint(gm, candidates, leaves, modules)

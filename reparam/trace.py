@@ -299,6 +299,12 @@ class _ShapeRecorder(torch.fx.Interpreter):
         self.shape_only = shape_only
         self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
 
+    def fetch_attr(self, target: str):
+        # Submodules from the table the Interpreter builds anyway: walking the dotted path through
+        # nn.Module.__getattr__ on every call is a large share of running small convolutions.
+        module = self.submodules.get(target)
+        return module if module is not None else super().fetch_attr(target)
+
     def run_node(self, n: torch.fx.Node):
         result = None
         if n.op == "call_module" and n.target in self.leaves:
@@ -333,12 +339,13 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = f
     """Annotate every node with the shape of its value on `args`; returns (output, leaf inputs).
 
     `values=False`: only the shapes, dtypes and the inputs of the leaves are wanted, so the
-    convolutions, linear layers and norms whose values nothing else needs skip their arithmetic
+    convolutions, linear layers, norms and activations whose values nothing else needs skip their arithmetic
     (`shape_rules`); the returned output then has the right shape but not the right values. Errors
     are those of running the graph either way: a stand-in that meets anything unusual runs the op."""
     small = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) < _WORTH_SKIPPING
-    shape_only = frozenset() if values or small else shape_only_nodes(gm, set(leaves))
-    recorder = _ShapeRecorder(gm, set(leaves), shape_only)
+    recorder = _ShapeRecorder(gm, set(leaves))
+    if not values and not small:
+        recorder.shape_only = shape_only_nodes(gm, recorder.leaves, recorder.submodules)
     with torch.no_grad():
         out = recorder.run(*args)
     return out, recorder.leaf_inputs
