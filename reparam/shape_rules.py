@@ -2,12 +2,13 @@
 
 `trace.propagate_shapes` runs the graph once on the example input to learn every node's shape.
 Nearly all of that time is convolution arithmetic, and the compiler needs only the shapes (and the
-real inputs of untraceable submodules). So a convolution, a linear layer or an eval-mode
-BatchNorm may return zeros of the right shape, dtype and device instead of its value, wherever
-that cannot change any shape or any value that is still needed:
+real inputs of untraceable submodules). So a convolution, a linear layer, an eval-mode BatchNorm
+(module or `F.batch_norm`) or an elementwise activation module may return zeros of the right shape,
+dtype, device and strides instead of its value, wherever that cannot change any shape or any value
+that is still needed:
 
 * every value computed from such a zero-filled stand-in ("tainted") must be consumed only by ops
-  whose result shape depends on the shapes of their inputs alone (`_CONSUMERS`), and in the
+  whose result shape depends on the shapes of their inputs alone (`_*_CONSUMERS`), and in the
   argument positions where that holds (`x[mask]` with a tainted mask is value-dependent; `x[i]`
   with a tainted `x` is not);
 * a metadata read (`x.shape`, `x.size()`) of a tainted value is exact, and its result is not tainted;
@@ -18,7 +19,8 @@ that cannot change any shape or any value that is still needed:
 * each stand-in checks what the real op would check (ranks, channel counts, dtypes, output sizes
   of at least 1) and, when anything is unusual, the op runs for real (and raises its own error).
 
-A convolution upstream of a value that breaks these rules runs for real; the rest still skip.
+A convolution upstream of a value that breaks these rules runs for real; the rest still skip. An
+example input too small for the arithmetic to matter is run for real throughout (`propagate_shapes`).
 """
 
 from __future__ import annotations
