@@ -186,12 +186,13 @@ def _private_copy(model: nn.Module, name: str) -> nn.Module:
     # Plain parameters and buffers are cloned up front: copy.deepcopy's generic path for tensors
     # is a large share of the copying time. Shared tensors stay shared in the copy.
     memo: dict[int, torch.Tensor] = {}
-    for p in model.parameters():
-        if type(p) is nn.Parameter:
-            memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        if type(b) is torch.Tensor:
-            memo[id(b)] = b.detach().clone()
+    for m in model.modules():  # one walk over the modules (`parameters()` and `buffers()` are one each)
+        for p in m._parameters.values():
+            if type(p) is nn.Parameter and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for b in m._buffers.values():
+            if type(b) is torch.Tensor and id(b) not in memo:
+                memo[id(b)] = b.detach().clone()
     try:
         work = _copy_module(model, memo)
     except Exception as exc:
@@ -199,13 +200,12 @@ def _private_copy(model: nn.Module, name: str) -> nn.Module:
                          "works on a copy so that the caller's model is never modified") from exc
     work.eval()
     for m in work.modules():  # the copy is an inference model: no hooks fire from it
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                      "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-                      "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for hooks in _DROPPED_HOOKS:
             if isinstance(getattr(m, hooks, None), OrderedDict):
                 getattr(m, hooks).clear()
-    for p in work.parameters():
-        p.requires_grad_(False)
+        for p in m._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
     return work
 
 
@@ -270,6 +270,14 @@ def _copy_value(value, memo: dict):
         return value
     if kind is set and all(type(v) in _ATOMIC for v in value):
         return set(value)
+    # An empty hook dictionary (two per module) or a list of numbers (a conv's padding): what
+    # deepcopy's generic path gives, at a fraction of its cost; shared ones stay shared.
+    if (kind is OrderedDict and not value) or (kind is list and all(type(v) in _ATOMIC for v in value)):
+        copied = memo.get(id(value))
+        if copied is None:
+            copied = memo[id(value)] = kind(value)
+            memo.setdefault(id(memo), []).append(value)  # keep the original alive while ids are keys
+        return copied
     if isinstance(value, nn.Module):
         return _copy_module(value, memo)
     return copy.deepcopy(value, memo)
@@ -323,7 +331,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     gm, failed = trace(module)
     try:
-        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed))
+        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)
     except Exception as exc:
         _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .affine import widened
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
+from .shape_rules import shape_only_nodes, stand_in
 
 
 class _Proxy(torch.fx.Proxy):
@@ -343,18 +344,33 @@ def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
 # --------------------------------------------------------------------------------------------
 
 class _ShapeRecorder(torch.fx.Interpreter):
-    """Runs the graph once, storing each node's tensor metadata; records leaf inputs."""
+    """Runs the graph once, storing each node's tensor metadata; records leaf inputs.
 
-    def __init__(self, gm: torch.fx.GraphModule, leaves: set[str]):
+    The nodes in `shape_only` return zeros of the shape of their value (see `shape_rules`)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, leaves: set[str], shape_only: set[torch.fx.Node] = frozenset()):
         super().__init__(gm)
         self.leaves = leaves
+        self.shape_only = shape_only
         self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
 
+    def fetch_attr(self, target: str):
+        # Submodules from the table the Interpreter builds anyway: walking the dotted path through
+        # nn.Module.__getattr__ on every call is a large share of running small convolutions.
+        module = self.submodules.get(target)
+        return module if module is not None else super().fetch_attr(target)
+
     def run_node(self, n: torch.fx.Node):
+        result = None
         if n.op == "call_module" and n.target in self.leaves:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             self.leaf_inputs[n] = (args, kwargs)
-        result = super().run_node(n)
+        elif n in self.shape_only:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            module = self.fetch_attr(n.target) if n.op == "call_module" else None
+            result = stand_in(n, module, args, kwargs)
+        if result is None:
+            result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _meta(result)
             n.meta["reparam_shape"] = tuple(result.shape)
@@ -369,9 +385,22 @@ def _meta(t: torch.Tensor) -> TensorMetadata:
                           False, {})
 
 
-def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = frozenset()):
-    """Annotate every node with the shape of its value on `args`; returns (output, leaf inputs)."""
+# Below this many input elements the arithmetic costs about what deciding which of it to skip does.
+_WORTH_SKIPPING = 8192
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, leaves: set[str] = frozenset(), *,
+                     values: bool = True):
+    """Annotate every node with the shape of its value on `args`; returns (output, leaf inputs).
+
+    `values=False`: only the shapes, dtypes and the inputs of the leaves are wanted, so the
+    convolutions, linear layers, norms and activations whose values nothing else needs skip their arithmetic
+    (`shape_rules`); the returned output then has the right shape but not the right values. Errors
+    are those of running the graph either way: a stand-in that meets anything unusual runs the op."""
+    small = sum(a.numel() for a in args if isinstance(a, torch.Tensor)) < _WORTH_SKIPPING
     recorder = _ShapeRecorder(gm, set(leaves))
+    if not values and not small:
+        recorder.shape_only = shape_only_nodes(gm, recorder.leaves, recorder.submodules)
     with torch.no_grad():
         out = recorder.run(*args)
     return out, recorder.leaf_inputs

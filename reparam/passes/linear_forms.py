@@ -179,25 +179,37 @@ class _FormStore(dict):
     forms are single operations of a float32 model, not yet combined) and read back in float64:
     the algebra sees the same values, and the pass holds no float64 copy of the whole model.
 
-    The pass reads one form several times in a row (is it absorbable, its axis, its weights), and
-    often stores it back unchanged under another node: the float64 copy of the last form read is
-    kept, so that reading it again, or storing its weights again, converts nothing. `stored(node)`
-    gives the form as stored, for readers that do not need float64 (lowering casts anyway)."""
+    The pass reads one form several times in a row (is it absorbable, its axis, its weights), reads
+    a form soon after storing it (a BatchNorm right after its conv), and often stores a form back
+    unchanged under another node: the float64 copies of the last few forms stored or read are kept
+    (`_RECENT`), so that reading them again, or storing their weights again, converts nothing.
+    `stored(node)` gives the form as stored, for readers that do not need float64 (lowering casts
+    anyway)."""
+
+    _RECENT = 4
 
     def __init__(self):
         super().__init__()
-        self._last: tuple[Form, Form] | None = None  # (form as stored, the same in float64)
+        self._recent: list[tuple[Form, Form]] = []  # (form as stored, the same in float64), newest last
+
+    def _remember(self, stored: Form, wide: Form) -> None:
+        recent = self._recent
+        recent.append((stored, wide))
+        if len(recent) > self._RECENT:
+            del recent[0]
 
     def __setitem__(self, node, form: Form) -> None:
         op = form.op
         weight, bias = self._narrow(op.weight, 0), self._narrow(op.bias, 1)
         if weight is not op.weight or bias is not op.bias:
-            form = replace(form, op=replace(op, weight=weight, bias=bias))
+            stored = replace(form, op=replace(op, weight=weight, bias=bias))
+            if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
+                self._remember(stored, form)  # the same values: read back without converting
+            form = stored
         super().__setitem__(node, form)
 
     def _narrow(self, t: torch.Tensor, which: int) -> torch.Tensor:
-        if self._last is not None:
-            stored, wide = self._last
+        for stored, wide in reversed(self._recent):
             if t is (wide.op.weight, wide.op.bias)[which]:
                 return (stored.op.weight, stored.op.bias)[which]
         return _narrowed(t)
@@ -207,10 +219,11 @@ class _FormStore(dict):
         op = form.op
         if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
             return form
-        if self._last is not None and self._last[0] is form:
-            return self._last[1]
+        for stored, wide in reversed(self._recent):
+            if stored is form:
+                return wide
         wide = replace(form, op=replace(op, weight=op.weight.double(), bias=op.bias.double()))
-        self._last = (form, wide)
+        self._remember(form, wide)
         return wide
 
     def stored(self, node, default=None):
@@ -220,7 +233,9 @@ class _FormStore(dict):
         return self[node] if node in self else default
 
     def pop(self, node, *default):
-        self._last = None
+        form = super().get(node)
+        if form is not None:  # its float64 copy is not needed any more
+            self._recent = [pair for pair in self._recent if pair[0] is not form]
         return super().pop(node, *default)
 
 
@@ -250,6 +265,7 @@ class LinearFormPass:
         self._shared: dict[torch.fx.Node, str | None] = {}
         self._shared_pending: dict[torch.fx.Node, int] = {}
         self._shared_reported: set[torch.fx.Node] = set()
+        self._identities: dict[tuple[int, int], AffineConv] = {}
         self._visitors = {
             "affine": self._visit_affine,
             "refused": self._visit_refused,
@@ -445,7 +461,10 @@ class LinearFormPass:
         if shape is None or len(shape) < 2:
             return None
         axis %= len(shape)
-        op = affine.identity(shape[axis], spatial_dims(len(shape), axis))
+        key = (shape[axis], spatial_dims(len(shape), axis))
+        op = self._identities.get(key)
+        if op is None:  # one per size: operators are values, never updated in place
+            op = self._identities[key] = affine.identity(*key)
         return Form(node, op, axis, axis, len(shape))
 
     def input_form(self, node: torch.fx.Node, axis: int | None, consumer: torch.fx.Node) -> tuple[Form | None, bool]:

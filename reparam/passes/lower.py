@@ -36,14 +36,14 @@ def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) 
                           axis, ndim)
         weight, keep_bias = op.weight.reshape(-1), True
     elif op.nd >= 1:
-        m = _CONV[op.nd](op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
-                         op.groups, bias=keep_bias, padding_mode=op.padding_mode if op.has_padding else "zeros",
-                         device="meta")
+        m = _uninitialized(_CONV[op.nd], op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding,
+                           op.dilation, op.groups, bias=keep_bias,
+                           padding_mode=op.padding_mode if op.has_padding else "zeros", device="meta")
     else:
         dense = affine.regrouped(op, 1)
         weight = dense.weight
         if axis == ndim - 1:
-            m = nn.Linear(op.in_channels, op.out_channels, bias=keep_bias, device="meta")
+            m = _uninitialized(nn.Linear, op.in_channels, op.out_channels, bias=keep_bias, device="meta")
         else:
             m = AxisLinear(op.in_channels, op.out_channels, axis, bias=keep_bias, device="meta")
     params = [("weight" if not isinstance(m, ChannelAffine) else "scale", weight)]
@@ -53,6 +53,22 @@ def to_module(op: AffineConv, axis: int, ndim: int, dtype: torch.dtype, device) 
         shape = getattr(m, name).shape
         setattr(m, name, nn.Parameter(value.reshape(shape).to(device=device, dtype=dtype)))
     return m
+
+
+def _noop() -> None:
+    pass
+
+
+def _uninitialized(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """`cls(*args, **kwargs)` without its random initialization (its parameters are replaced at
+    once): on the meta device that initialization still costs a large share of lowering."""
+    module = cls.__new__(cls)
+    object.__setattr__(module, "reset_parameters", _noop)  # found before the class's own method
+    try:
+        module.__init__(*args, **kwargs)
+    finally:
+        object.__delattr__(module, "reset_parameters")
+    return module
 
 
 def _replay(step_node: torch.fx.Node, value: torch.fx.Node, graph: torch.fx.Graph, current) -> torch.fx.Node:
