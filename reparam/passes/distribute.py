@@ -318,7 +318,7 @@ class _Rewriter:
                 continue
             if len(users) != 1:
                 others = ", ".join(u.name for u in users if u is not m.node)
-                self.refuse([member_name(y), m.member], f"kept on its piece: {node.name} is also read by "
+                self.refuse([member_name(y), m.member], f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
                                                         f"{others}, which needs it without the map")
                 continue
             overlap = [p for p, plo, phi in pieces if p is not node and _real_users(p) and plo < hi and lo < phi]
