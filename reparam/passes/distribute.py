@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 from ..trace import Constants, dtype_of, is_shape_query, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
@@ -84,14 +86,15 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
     Runs after constant folding (the maps' constants must be known) and before the linear-form
     pass. New constants are registered as buffers of `gm` and recorded in `consts`."""
     rewriter = _Rewriter(gm, consts)
-    for node in list(gm.graph.nodes):
-        if node.graph is gm.graph and _is_stack(node):
-            rewriter.stack_sum(node)
-    for node in list(gm.graph.nodes):
-        if node.graph is gm.graph and node.users:
+    # Only the few nodes of the patterns are classified (classifying a conv reads its weights).
+    for node in [n for n in gm.graph.nodes if _is_call(n, _STACK)]:
+        rewriter.stack_sum(node)
+    split = {n.args[0]: None for n in gm.graph.nodes if _is_split_like(n)}
+    for node in split:
+        if node.users:
             rewriter.split_maps(node)
-    for node in list(gm.graph.nodes):
-        if node.graph is gm.graph and node.users:
+    for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
+        if node.users:
             rewriter.cat_map(node)
     return rewriter.refusals
 
@@ -100,22 +103,33 @@ class _Rewriter:
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
         self.gm = gm
         self.consts = consts
-        self.classifier = Classifier(gm, consts)
+        self._classifier: Classifier | None = None
+        self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.refusals: list[RefusalRecord] = []
         self._count = 0
-        self._erased: set[torch.fx.Node] = set()
+
+    @property
+    def classifier(self) -> Classifier:
+        if self._classifier is None:  # built once a pattern is found (it scans the whole graph)
+            self._classifier = Classifier(self.gm, self.consts)
+        return self._classifier
 
     def refuse(self, where, reason: str) -> None:
         self.refusals.append(RefusalRecord(", ".join(where), reason))
 
     def classify(self, node) -> LinearOp | None:
-        if not isinstance(node, torch.fx.Node) or node in self._erased:
+        """The node's rule (ops.Classifier), computed once: forget it when its arguments change."""
+        if not isinstance(node, torch.fx.Node):
             return None
-        return self.classifier(node)
+        if node not in self._rules:
+            self._rules[node] = self.classifier(node)
+        return self._rules[node]
 
     # -- recognising maps and the operations that absorb them -------------------------------
     def channel_map(self, node: torch.fx.Node, x: torch.fx.Node) -> ChannelMap | None:
         """`node` as a per-channel map of its input `x`, or None."""
+        if _mixes_channels(self.gm, node):
+            return None  # not worth classifying (that would read its weights)
         rule = self.classify(node)
         if rule is None or rule.kind not in _MAP_KINDS or not rule.inputs or rule.inputs[0] is not x:
             return None
@@ -203,9 +217,11 @@ class _Rewriter:
         return torch.device("cpu")
 
     def erase(self, node: torch.fx.Node, replacement: torch.fx.Node) -> None:
+        for user in node.users:
+            self._rules.pop(user, None)
         node.replace_all_uses_with(replacement)
         self.gm.graph.erase_node(node)
-        self._erased.add(node)
+        self._rules[node] = None
 
     # -- 1. a map after a concatenation --------------------------------------------------------
     def cat_map(self, cat: torch.fx.Node) -> None:
@@ -262,6 +278,7 @@ class _Rewriter:
             cat.args = tuple(args)
         else:
             cat.kwargs = {**cat.kwargs, "tensors": tensors}
+        self._rules.pop(cat, None)
         self.erase(m.node, cat)
 
     def _one_source(self, inputs) -> bool:
@@ -281,7 +298,7 @@ class _Rewriter:
     # -- 2. maps on the pieces of a split -------------------------------------------------------
     def split_maps(self, y: torch.fx.Node) -> None:
         shape = shape_of(y)
-        if shape is None or len(shape) < 2 or self.classify(y) is None:
+        if shape is None or len(shape) < 2:
             return
         readers = _real_users(y)
         splits = [_split_pieces(r, y) for r in readers]
@@ -319,7 +336,7 @@ class _Rewriter:
             if len(users) != 1:
                 others = ", ".join(u.name for u in users if u is not m.node)
                 self.refuse([member_name(y), m.member], f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
-                                                        f"{others}, which needs it without the map")
+                                                        f"{others}, which needs them without the map")
                 continue
             overlap = [p for p, plo, phi in pieces if p is not node and _real_users(p) and plo < hi and lo < phi]
             if overlap:
@@ -336,6 +353,7 @@ class _Rewriter:
         mapped_y = self.insert_map(y, axis, scale, shift, "_".join(m.member for _, m, _, _ in moved))
         for r in readers:
             r.replace_input_with(y, mapped_y)
+            self._rules.pop(r, None)
         for node, m, _, _ in moved:
             self.erase(m.node, node)
 
@@ -384,7 +402,7 @@ class _Rewriter:
                 total = self._node(operator.mul, (total, 1.0 / len(tensors)), reader, f"{stack.name}_mean")
         self.erase(reader, total)
         self.gm.graph.erase_node(stack)
-        self._erased.add(stack)
+        self._rules[stack] = None
 
     def _node(self, fn, args, like, name) -> torch.fx.Node:
         node = self.gm.graph.create_node("call_function", fn, args, {}, name=_node_name(name))
@@ -398,8 +416,29 @@ def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not is_metadata_read(u, node)]
 
 
-def _is_stack(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _STACK
+_MIXING_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _mixes_channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A conv or Linear (never a per-channel map), recognised without reading its weights."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MIXING_MODULES)
+    return node.op == "call_function" and node.target in _MIXING_FUNCTIONS
+
+
+def _is_call(node: torch.fx.Node, functions) -> bool:
+    return node.op == "call_function" and node.target in functions
+
+
+def _is_split_like(node: torch.fx.Node) -> bool:
+    """`chunk`/`split` (functions or methods) or a slice `y[...]` of a tensor `y`."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
+        return False
+    if node.op == "call_method":
+        return node.target in ("chunk", "split")
+    return node.op == "call_function" and (node.target in _CHUNK or node.target in _SPLIT
+                                           or (node.target is operator.getitem and len(node.args) == 2))
 
 
 def _part(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -411,3 +411,34 @@ def test_stacked_branches_in_float32():
     assert n_convs(fused) == 1 and n_bns(fused) == 0
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# -- metadata reads are not readers ---------------------------------------------------------------
+
+class CheckedShapes(nn.Module):
+    """Shape asserts and shape reads on the values the rewrites move maps across."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c = c
+        self.conv = nn.Conv2d(3, 2 * c, 3, padding=1)
+        self.a, self.b = nn.Conv2d(c, c, 1, bias=False), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1, self.bn2, self.bn = rbn(c), rbn(c), rbn(2 * c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.shape[1] == 2 * self.c, "channels")
+        g, h = y.chunk(2, dim=1)
+        g, h = torch.relu(self.bn1(g)), torch.relu(self.bn2(h))
+        p, q = self.a(g), self.b(h)
+        B, C, H, W = p.shape
+        z = torch.cat([p, q], dim=1)
+        torch._assert(z.dim() == 4, "rank")
+        return torch.relu(self.bn(z)).reshape(B, 2 * C, H * W)
+
+
+def test_shape_reads_do_not_stop_the_rewrites():
+    torch.manual_seed(14)
+    fused = fuse64(CheckedShapes(), torch.randn(2, 3, 6, 5, dtype=torch.float64))
+    assert n_bns(fused) == 0 and n_convs(fused) == 3
+    assert not fused.report.refusals
