@@ -442,3 +442,41 @@ def test_shape_reads_do_not_stop_the_rewrites():
     fused = fuse64(CheckedShapes(), torch.randn(2, 3, 6, 5, dtype=torch.float64))
     assert n_bns(fused) == 0 and n_convs(fused) == 3
     assert not fused.report.refusals
+
+
+# -- properties: any channel sizes, any split of them ---------------------------------------------
+
+from hypothesis import given, note  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class SplitThenCat(nn.Module):
+    """conv -> split into `sizes` -> a BN on the pieces marked in `mapped` -> a nonlinearity each ->
+    one conv per piece -> cat -> one BN over all channels."""
+
+    def __init__(self, sizes, mapped, kernels):
+        super().__init__()
+        self.sizes = list(sizes)
+        total = sum(sizes)
+        self.conv = nn.Conv2d(3, total, kernels[0], padding=kernels[0] // 2, bias=False)
+        self.piece_bns = nn.ModuleList([rbn(c) if m else nn.Identity() for c, m in zip(sizes, mapped)])
+        self.convs = nn.ModuleList([nn.Conv2d(c, c + 1, k, padding=k // 2, bias=bool(i % 2))
+                                    for i, (c, k) in enumerate(zip(sizes, kernels[1:]))])
+        self.bn = rbn(total + len(sizes))
+
+    def forward(self, x):
+        pieces = torch.split(self.conv(x), self.sizes, dim=1)
+        outs = [conv(torch.tanh(bn(pieces[i]))) for i, (bn, conv) in enumerate(zip(self.piece_bns, self.convs))]
+        return self.bn(torch.cat(outs, dim=1))
+
+
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=3).flatmap(lambda sizes: st.tuples(
+    st.just(sizes), st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)),
+    st.lists(st.sampled_from([1, 3]), min_size=len(sizes) + 1, max_size=len(sizes) + 1))))
+def test_split_and_cat_maps_fold_for_any_sizes(case):
+    sizes, mapped, kernels = case
+    note(f"sizes={sizes} mapped={mapped} kernels={kernels}")
+    torch.manual_seed(len(sizes))
+    fused = fuse64(SplitThenCat(sizes, mapped, kernels), torch.randn(1, 3, 5, 4, dtype=torch.float64))
+    assert n_bns(fused) == 0 and n_convs(fused) == 1 + len(sizes)
+    assert not fused.report.refusals
