@@ -91,8 +91,8 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
         rewriter.stack_sum(node)
     split = {n.args[0]: None for n in gm.graph.nodes if _is_split_like(n)}
     for node in split:
-        if node.users:
-            rewriter.split_maps(node)
+        while node is not None and node.users:  # the maps' readers may be maps too: move them next
+            node = rewriter.split_maps(node)
     for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
         if node.users:
             rewriter.cat_map(node)
@@ -107,6 +107,7 @@ class _Rewriter:
         self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.refusals: list[RefusalRecord] = []
         self._count = 0
+        self._kept_maps: set[torch.fx.Node] = set()
 
     @property
     def classifier(self) -> Classifier:
@@ -115,7 +116,15 @@ class _Rewriter:
         return self._classifier
 
     def refuse(self, where, reason: str) -> None:
-        self.refusals.append(RefusalRecord(", ".join(where), reason))
+        record = RefusalRecord(", ".join(where), reason)
+        if not any((r.where, r.reason) == (record.where, record.reason) for r in self.refusals):
+            self.refusals.append(record)
+
+    def refuse_map(self, y: torch.fx.Node, m: ChannelMap, reason: str) -> None:
+        """A map kept on its piece, named once (`split_maps` looks again after each move)."""
+        if m.node not in self._kept_maps:
+            self._kept_maps.add(m.node)
+            self.refuse([member_name(y), m.member], reason)
 
     def classify(self, node) -> LinearOp | None:
         """The node's rule (ops.Classifier), computed once: forget it when its arguments change."""
@@ -229,40 +238,40 @@ class _Rewriter:
         rule = self.classify(cat)
         if rule is None or rule.kind != "concat":
             return
-        for reader in _real_users(cat):
-            m = self.channel_map(reader, cat)
-            if m is not None:
-                self._cat_map(cat, rule, m)
-                return  # the concatenation had one real reader at most, or it stays
+        moved = True
+        while moved:  # after a map moves, its reader (a layer scale after a BatchNorm) may be next
+            maps = [m for m in (self.channel_map(u, cat) for u in _real_users(cat)) if m is not None]
+            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0])
 
-    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap) -> None:
+    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap) -> bool:
+        """Move `m` onto the inputs of `cat`; False (with the reason recorded) when it stays."""
         shape = shape_of(cat)
         axis = rule.axis % len(shape)
         inputs = rule.inputs
         linear_inputs = [x for x in inputs if self.is_linear(x)]
         if not linear_inputs:
-            return  # nothing to fold into
+            return False  # nothing to fold into
         where = [member_name(x) for x in linear_inputs] + [cat.name, m.member]
         if m.axis not in (None, axis):
             self.refuse(where, f"kept after the concatenation: the map acts along axis {m.axis}, the "
                                f"concatenation is along axis {axis}, so no slice of it belongs to one input")
-            return
+            return False
         others = [u for u in _real_users(cat) if u is not m.node]
         if others:
             self.refuse(where, f"kept after the concatenation: {cat.name} is also read by "
                                f"{', '.join(u.name for u in others)}, which needs it without the map")
-            return
+            return False
         if len(set(inputs)) != len(inputs):
             self.refuse(where, "kept after the concatenation: one value is concatenated twice, and its two "
                                "slices of the map differ")
-            return
+            return False
         for k, x in enumerate(inputs):
             problem = self.absorber_problem(x, axis, (cat,))
             if problem is not None:
                 if self._one_source(inputs):
-                    return  # the concatenation may become one operator, the map after it included
+                    return False  # the concatenation may become one operator, the map after it included
                 self.refuse(where, f"kept after the concatenation: input {k} of {cat.name}: {problem}")
-                return
+                return False
         offset = 0
         new_inputs = []
         for x in inputs:
@@ -280,6 +289,7 @@ class _Rewriter:
             cat.kwargs = {**cat.kwargs, "tensors": tensors}
         self._rules.pop(cat, None)
         self.erase(m.node, cat)
+        return True
 
     def _one_source(self, inputs) -> bool:
         """Do all inputs read, through linear operations, one value (the concatenation of such
@@ -296,15 +306,17 @@ class _Rewriter:
         return len(sources) == 1 and len(inputs) > 1
 
     # -- 2. maps on the pieces of a split -------------------------------------------------------
-    def split_maps(self, y: torch.fx.Node) -> None:
+    def split_maps(self, y: torch.fx.Node) -> torch.fx.Node | None:
+        """Move the maps on the pieces of `y` before the split; returns the value the split now
+        reads, or None when nothing moved."""
         shape = shape_of(y)
         if shape is None or len(shape) < 2:
-            return
+            return None
         readers = _real_users(y)
         splits = [_split_pieces(r, y) for r in readers]
         found = [s for s in splits if s is not None]
         if not found:
-            return
+            return None
         pieces = [p for s in found for p in s[1]]
         axes = {s[0] for s in found}
         mapped = []  # (piece, map, lo, hi)
@@ -314,38 +326,38 @@ class _Rewriter:
             if m is not None:
                 mapped.append((node, users, m, lo, hi))
         if not mapped:
-            return
+            return None
         if len(axes) != 1 or not self.is_linear(y):
-            return  # split along several axes, or a nonlinearity split: no neighbour to fold into
+            return None  # split along several axes, or a nonlinearity split: no neighbour to fold into
         axis = axes.pop()
         where = [member_name(y)] + [m.member for _, _, m, _, _ in mapped]
         if len(found) != len(readers):
             others = [r.name for r, s in zip(readers, splits) if s is None]
             self.refuse(where, f"kept on the pieces: {y.name} is also read whole by {', '.join(others)}")
-            return
+            return None
         problem = self.absorber_problem(y, axis, readers)
         if problem is not None:
             self.refuse(where, f"kept on the pieces: {problem}")
-            return
+            return None
         moved = []
         for node, users, m, lo, hi in mapped:
             if m.axis not in (None, axis):
-                self.refuse([member_name(y), m.member], f"kept on its piece: it acts along axis {m.axis}, the "
-                                                        f"split is along axis {axis}")
+                self.refuse_map(y, m, f"kept on its piece: it acts along axis {m.axis}, the split is along "
+                                      f"axis {axis}")
                 continue
             if len(users) != 1:
                 others = ", ".join(u.name for u in users if u is not m.node)
-                self.refuse([member_name(y), m.member], f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
-                                                        f"{others}, which needs them without the map")
+                self.refuse_map(y, m, f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
+                                      f"{others}, which needs them without the map")
                 continue
             overlap = [p for p, plo, phi in pieces if p is not node and _real_users(p) and plo < hi and lo < phi]
             if overlap:
-                self.refuse([member_name(y), m.member], f"kept on its piece: {overlap[0].name} reads some of "
-                                                        "the same channels without the map")
+                self.refuse_map(y, m, f"kept on its piece: {overlap[0].name} reads some of the same channels "
+                                      "without the map")
                 continue
             moved.append((node, m, lo, hi))
         if not moved:
-            return
+            return None
         c = shape[axis]
         scale, shift = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
         for _, m, lo, hi in moved:
@@ -356,6 +368,7 @@ class _Rewriter:
             self._rules.pop(r, None)
         for node, m, _, _ in moved:
             self.erase(m.node, node)
+        return mapped_y
 
     # -- 3. sums written with stack ------------------------------------------------------------
     def stack_sum(self, stack: torch.fx.Node) -> None:
