@@ -17,6 +17,9 @@ Three rewrites of how third-party code writes linear structures, so that the lin
                  the concatenation, so that each slice of the map folds into it
        rewrite   `x_k * scale[c_k] + shift[c_k]` on each input; the map's readers read the concatenation
 
+   A chain of maps (a layer scale after the BatchNorm) moves one map at a time. The dual, a map on
+   each input before the concatenation, needs no rewrite: each folds into its own input.
+
 2. Per-channel maps on the pieces of a channel split combine into one map before the split (a
    gated block's `a, b = conv(x).chunk(2, 1); bn1(a) * sigmoid(bn2(b))`):
 
@@ -32,11 +35,11 @@ Three rewrites of how third-party code writes linear structures, so that the lin
        rewrite   `y * scale + shift` feeds the splits; each moved map's readers read its piece
 
 3. A sum written with `stack` (`torch.stack([b(x) for b in branches]).sum(0)`) is a sum of
-   branches; `mean` over the stacked axis is that sum times `1/n`:
+   branches; `mean` over the stacked axis is that sum divided by `n`:
 
        pattern   `stack(xs, d)` read only by `sum`/`mean` over `d`
        check     `keepdim` is False, no `dtype` is asked for, the stack has no other reader
-       rewrite   `((x_1 + x_2) + ...) * (1/n for mean)`; the linear-form pass then groups the branches
+       rewrite   `((x_1 + x_2) + ...)` (then `/ n` for a mean); the linear-form pass groups the branches
 
 A failed check leaves the structure as written and returns the reason, which the report names,
 when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
@@ -44,7 +47,6 @@ when a linear operation stood next to it (a map between two nonlinearities is no
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
@@ -53,10 +55,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..trace import Constants, dtype_of, is_shape_query, shape_of
+from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
-from .ops import _CAT, Classifier, LinearOp, member_name
+from .ops import Classifier, LinearOp, member_name
 
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 _STACK = {torch.stack}
 _CHUNK = {torch.chunk}
 _SPLIT = {torch.split}
@@ -372,24 +375,25 @@ class _Rewriter:
 
     # -- 3. sums written with stack ------------------------------------------------------------
     def stack_sum(self, stack: torch.fx.Node) -> None:
+        """`stack(xs, d).sum(d)` / `.mean(d)` as additions of the branches (times 1/n for a mean)."""
         tensors = stack.args[0] if stack.args else stack.kwargs.get("tensors")
         dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
-        shape = shape_of(stack)
+        shape, dtype = shape_of(stack), dtype_of(stack)
         if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or shape is None \
+                or dtype is None or not dtype.is_floating_point \
                 or not all(isinstance(t, torch.fx.Node) and shape_of(t) is not None for t in tensors):
             return
         dim %= len(shape)
+        users = list(stack.users)
+        sums = [(u, r) for u, r in ((u, _reduction(u, stack)) for u in users) if r is not None]
+        if not sums:
+            return  # stacked for something else (attention heads, a max): not a sum
         linear = [t for t in tensors if self.is_linear(t) or (self.classify(t) or _NOT_LINEAR).kind == "sum"]
         if not linear:
             return  # no branch is linear: nothing to fuse
-        where = [member_name(t) for t in linear] + [stack.name]
         if stack in self.classifier.mutated or any(t in self.classifier.mutated for t in tensors):
             return  # updated in place: the linear-form pass says so
-        users = list(stack.users)
-        reduces = [(u, _reduction(u, stack)) for u in users]
-        sums = [(u, r) for u, r in reduces if r is not None]
-        if not sums:
-            return  # stacked for something else (attention heads, a max): not a sum
+        where = [member_name(t) for t in linear] + [stack.name]
         if len(users) != 1:
             others = ", ".join(u.name for u in users if u is not sums[0][0])
             self.refuse(where, f"kept as a stack: {stack.name} is also read by {others}")
@@ -404,15 +408,12 @@ class _Rewriter:
             self.refuse(where, f"kept as a stack: {how} with keepdim=True keeps the stacked axis, which a "
                                "sum of the branches does not have")
             return
-        if any(shape_of(t) != shape_of(reader) for t in tensors):
-            return  # cannot happen for a valid stack; stay safe
         total = tensors[0]
-        for k, t in enumerate(tensors[1:], 1):
-            with self.gm.graph.inserting_before(reader):
+        with self.gm.graph.inserting_before(reader):
+            for k, t in enumerate(tensors[1:], 1):
                 total = self._node(operator.add, (total, t), reader, f"{stack.name}_sum_{k}")
-        if how == "mean" and len(tensors) > 1:
-            with self.gm.graph.inserting_before(reader):
-                total = self._node(operator.mul, (total, 1.0 / len(tensors)), reader, f"{stack.name}_mean")
+            if how == "mean" and len(tensors) > 1:
+                total = self._node(operator.truediv, (total, len(tensors)), reader, f"{stack.name}_mean")
         self.erase(reader, total)
         self.gm.graph.erase_node(stack)
         self._rules[stack] = None
@@ -472,10 +473,9 @@ def _describe(gm: torch.fx.GraphModule, node) -> str:
         return repr(node)
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)} ({node.name})"
-    if node.op == "call_method":
-        return f".{node.target}() ({node.name})"
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target))
+        return name if node.name == name else f"{name} ({node.name})"
     if node.op == "placeholder":
         return f"the input {node.name}"
     return node.name

@@ -10,6 +10,8 @@ import operator
 
 import pytest
 import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -449,9 +451,6 @@ def test_shape_reads_do_not_stop_the_rewrites():
 
 
 # -- properties: any channel sizes, any split of them ---------------------------------------------
-
-from hypothesis import given, note  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 class SplitThenCat(nn.Module):
