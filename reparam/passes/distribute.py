@@ -353,10 +353,12 @@ class _Rewriter:
                 self.refuse_map(y, m, f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
                                       f"{others}, which needs them without the map")
                 continue
-            overlap = [p for p, plo, phi in pieces if p is not node and _real_users(p) and plo < hi and lo < phi]
+            overlap = [(p, plo, phi) for p, plo, phi in pieces
+                       if p is not node and _real_users(p) and plo < hi and lo < phi]
             if overlap:
-                self.refuse_map(y, m, f"kept on its piece: {overlap[0].name} reads some of the same channels "
-                                      "without the map")
+                p, plo, phi = overlap[0]
+                self.refuse_map(y, m, f"kept on its piece (channels {lo}:{hi}): {p.name} reads channels "
+                                      f"{plo}:{phi} without the map")
                 continue
             moved.append((node, m, lo, hi))
         if not moved:

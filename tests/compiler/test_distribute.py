@@ -483,3 +483,25 @@ def test_split_and_cat_maps_fold_for_any_sizes(case):
     fused = fuse64(SplitThenCat(sizes, mapped, kernels), torch.randn(1, 3, 5, 4, dtype=torch.float64))
     assert n_bns(fused) == 0 and n_convs(fused) == 1 + len(sizes)
     assert not fused.report.refusals
+
+
+class OverlappingSlices(nn.Module):
+    """Channel slices of one conv: 0:4 with a BatchNorm, 2:6 without (they overlap), 6:8 with one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+        self.bn, self.bn_tail = rbn(4), rbn(2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y[:, :4]).relu() + y[:, 2:6].tanh() + self.bn_tail(y[:, 6:]).mean((1, 2, 3), keepdim=True)
+
+
+def test_overlapping_slice_keeps_the_map_it_would_change():
+    torch.manual_seed(15)
+    fused = fuse64(OverlappingSlices(), torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert n_bns(fused) == 1 and n_convs(fused) == 1  # bn stays, bn_tail folds into the conv
+    reasons = refusals_naming(fused, "bn")
+    assert len(reasons) == 1 and "channels 2:6" in reasons[0]
+    assert not refusals_naming(fused, "bn_tail")
