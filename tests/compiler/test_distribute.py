@@ -505,3 +505,23 @@ def test_overlapping_slice_keeps_the_map_it_would_change():
     reasons = refusals_naming(fused, "bn")
     assert len(reasons) == 1 and "channels 2:6" in reasons[0]
     assert not refusals_naming(fused, "bn_tail")
+
+
+class InceptionHead(nn.Module):
+    """Two 1x1 convs of one input concatenated, then a BatchNorm: one conv with the map in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(6, 3, 1, bias=False), nn.Conv2d(6, 5, 1)
+        self.bn = rbn(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_cat_of_one_source_still_becomes_one_conv():
+    torch.manual_seed(16)
+    fused = fuse64(InceptionHead(), torch.randn(2, 6, 5, 5, dtype=torch.float64))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    assert torch.cat not in call_targets(fused)
+    assert not fused.report.refusals
