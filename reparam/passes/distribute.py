@@ -271,8 +271,6 @@ class _Rewriter:
         for k, x in enumerate(inputs):
             problem = self.absorber_problem(x, axis, (cat,))
             if problem is not None:
-                if self._one_source(inputs):
-                    return False  # the concatenation may become one operator, the map after it included
                 self.refuse(where, f"kept after the concatenation: input {k} of {cat.name}: {problem}")
                 return False
         offset = 0
@@ -293,20 +291,6 @@ class _Rewriter:
         self._rules.pop(cat, None)
         self.erase(m.node, cat)
         return True
-
-    def _one_source(self, inputs) -> bool:
-        """Do all inputs read, through linear operations, one value (the concatenation of such
-        branches can become one operator of the linear-form pass, the map after it included)?"""
-        sources = set()
-        for x in inputs:
-            node = x
-            for _ in range(64):
-                rule = self.classify(node)
-                if rule is None or rule.kind not in (*_MAP_KINDS, "identity", "layout") or not rule.inputs:
-                    break
-                node = rule.inputs[0]
-            sources.add(node)
-        return len(sources) == 1 and len(inputs) > 1
 
     # -- 2. maps on the pieces of a split -------------------------------------------------------
     def split_maps(self, y: torch.fx.Node) -> torch.fx.Node | None:

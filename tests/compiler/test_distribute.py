@@ -199,6 +199,9 @@ class CatKept(nn.Module):
     def forward(self, x, y):
         if self.case == "spatial_cat":  # concatenated along the height: the BN acts on channels
             return self.bn_h(torch.cat([self.a4(x), self.b4(y)], 2))
+        if self.case == "source_itself":  # DenseNet-like: the input beside a conv of it
+            r = self.act(x)
+            return self.bn(torch.cat([r, self.a4(r)], 1))
         a = self.a(x)
         if self.case == "relu_input":
             return self.bn(torch.cat([a, self.act(self.b(y))], 1))
@@ -212,6 +215,7 @@ class CatKept(nn.Module):
 
 @pytest.mark.parametrize("case, says", [
     ("relu_input", "ReLU"),
+    ("source_itself", "ReLU"),
     ("cat_returned", "also read by output"),
     ("input_read_elsewhere", "also read by"),
     ("spatial_cat", "along axis 1"),
