@@ -103,6 +103,8 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
 
 
 class _Rewriter:
+    """The three rewrites on one graph, with the rules of the nodes they look at and their refusals."""
+
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
         self.gm = gm
         self.consts = consts
@@ -224,9 +226,9 @@ class _Rewriter:
         return name
 
     def _device(self) -> torch.device:
-        for t in (*self.gm.parameters(), *self.gm.buffers()):
-            return t.device
-        return torch.device("cpu")
+        first = next(iter(self.gm.parameters()), None)
+        first = next(iter(self.gm.buffers()), None) if first is None else first
+        return first.device if first is not None else torch.device("cpu")
 
     def erase(self, node: torch.fx.Node, replacement: torch.fx.Node) -> None:
         for user in node.users:
