@@ -212,8 +212,9 @@ class _Rewriter:
         """`fn(value, constant)`, the constant a new buffer broadcast along `axis`."""
         ndim = len(shape_of(like))
         constant = vector.reshape(-1, *([1] * (ndim - 1 - axis))) if vector.dim() else vector
+        constant = constant.to(self._device())  # where the model's weights are, for the algebra too
         attr = self._attr_name()
-        self.gm.register_buffer(attr, constant.to(device=self._device(), dtype=dtype_of(like) or torch.float32))
+        self.gm.register_buffer(attr, constant.to(dtype=dtype_of(like) or torch.float32))
         attr_node = self.gm.graph.get_attr(attr)
         self.consts.values[attr_node] = constant.clone()
         return self._node(fn, (value, attr_node), like, name)
