@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
+from .passes.distribute import distribute_linear_maps
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
@@ -342,6 +343,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     fill_borders(gm)  # DBB's pad-then-fill-the-border, before its in-place updates are judged
     kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
+    kept += distribute_linear_maps(gm, consts)  # maps across cat/split, stack sums (its refusals too)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)

@@ -1,0 +1,563 @@
+"""Per-channel maps moved across concatenations and channel splits; sums written with `stack`.
+
+Three rewrites of how third-party code writes linear structures, so that the linear-form pass
+(`linear_forms.py`) sees maps next to the operations that can absorb them. Each is exact.
+
+1. A per-channel map after a concatenation along its channel axis acts on each input separately
+   (YOLOv5's `BottleneckCSP`: `bn(cat(cv3(...), cv2(x)))`):
+
+       m(cat(x_1, ..., x_n)) = cat(m[c_1](x_1), ..., m[c_n](x_n))
+
+   where `m[c_k]` is the map restricted to the channels of `x_k`.
+
+       pattern   a per-channel map (BatchNorm, functional batch_norm, a per-channel scale or shift)
+                 whose input is `torch.cat` along the axis the map's constants vary along
+       check     the concatenation has no other reader; every input is produced by a linear
+                 operation along that axis (conv, Linear, BatchNorm, scale...) whose only reader is
+                 the concatenation, so that each slice of the map folds into it
+       rewrite   `x_k * scale[c_k] + shift[c_k]` on each input; the map's readers read the concatenation
+
+   A chain of maps (a layer scale after the BatchNorm) moves one map at a time. The dual, a map on
+   each input before the concatenation, needs no rewrite: each folds into its own input.
+
+2. Per-channel maps on the pieces of a channel split combine into one map before the split (a
+   gated block's `a, b = conv(x).chunk(2, 1); bn1(a) * sigmoid(bn2(b))`):
+
+       split(y)[k] -> m_k(split(y)[k])   ==   split(m(y))[k]   with m = m_1 | m_2 | ... (identity elsewhere)
+
+   Splits are `chunk`, `split` (one size or a list of sizes), functional or as methods, and
+   channel slices `y[:, a:b]`.
+
+       pattern   a value `y` read only by channel splits (metadata reads aside), with per-channel
+                 maps along the split axis on some pieces
+       check     `y` is produced by a linear operation along that axis; a piece whose map moves is
+                 read by that map only; no other piece read overlaps its channels
+       rewrite   `y * scale + shift` feeds the splits; each moved map's readers read its piece
+
+3. A sum written with `stack` (`torch.stack([b(x) for b in branches]).sum(0)`) is a sum of
+   branches; `mean` over the stacked axis is that sum divided by `n`:
+
+       pattern   `stack(xs, d)` read only by `sum`/`mean` over `d`
+       check     `keepdim` is False, no `dtype` is asked for, the stack has no other reader
+       rewrite   `((x_1 + x_2) + ...)` (then `/ n` for a mean); the linear-form pass groups the branches
+
+A failed check leaves the structure as written and returns the reason, which the report names,
+when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..trace import Constants, dtype_of, shape_of
+from .linear_forms import RefusalRecord, is_metadata_read
+from .ops import Classifier, LinearOp, member_name
+
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_STACK = {torch.stack}
+_CHUNK = {torch.chunk}
+_SPLIT = {torch.split}
+_REDUCE = {torch.sum: "sum", torch.mean: "mean"}
+_MAP_KINDS = ("affine", "scale", "shift")
+_NOT_LINEAR = LinearOp("none")
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """A per-channel map `y = x * scale + shift` along `axis`, as float64 vectors (or scalars)."""
+
+    node: torch.fx.Node
+    axis: int | None  # None: the constants are scalars, the same for every channel of any axis
+    scale: torch.Tensor
+    shift: torch.Tensor
+    member: str
+
+    def slice(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and shift for channels `lo:hi`."""
+        return _part(self.scale, lo, hi), _part(self.shift, lo, hi)
+
+
+def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[RefusalRecord]:
+    """Apply the three rewrites of this module to `gm`; returns the refusals to report.
+
+    Runs after constant folding (the maps' constants must be known) and before the linear-form
+    pass. New constants are registered as buffers of `gm` and recorded in `consts`."""
+    rewriter = _Rewriter(gm, consts)
+    # Only the few nodes of the patterns are classified (classifying a conv reads its weights).
+    for node in [n for n in gm.graph.nodes if _is_call(n, _STACK)]:
+        rewriter.stack_sum(node)
+    split = {n.args[0]: None for n in gm.graph.nodes if _is_split_like(n)}
+    for node in split:
+        while node is not None and node.users:  # the maps' readers may be maps too: move them next
+            node = rewriter.split_maps(node)
+    for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
+        if node.users:
+            rewriter.cat_map(node)
+    return rewriter.refusals
+
+
+class _Rewriter:
+    """The three rewrites on one graph, with the rules of the nodes they look at and their refusals."""
+
+    def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
+        self.gm = gm
+        self.consts = consts
+        self._classifier: Classifier | None = None
+        self._rules: dict[torch.fx.Node, LinearOp | None] = {}
+        self.refusals: list[RefusalRecord] = []
+        self._count = 0
+        self._kept_maps: set[torch.fx.Node] = set()
+
+    @property
+    def classifier(self) -> Classifier:
+        if self._classifier is None:  # built once a pattern is found (it scans the whole graph)
+            self._classifier = Classifier(self.gm, self.consts)
+        return self._classifier
+
+    def refuse(self, where, reason: str) -> None:
+        record = RefusalRecord(", ".join(where), reason)
+        if not any((r.where, r.reason) == (record.where, record.reason) for r in self.refusals):
+            self.refusals.append(record)
+
+    def refuse_map(self, y: torch.fx.Node, m: ChannelMap, reason: str) -> None:
+        """A map kept on its piece, named once (`split_maps` looks again after each move)."""
+        if m.node not in self._kept_maps:
+            self._kept_maps.add(m.node)
+            self.refuse([member_name(y), m.member], reason)
+
+    def classify(self, node) -> LinearOp | None:
+        """The node's rule (ops.Classifier), computed once: forget it when its arguments change."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node not in self._rules:
+            self._rules[node] = self.classifier(node)
+        return self._rules[node]
+
+    # -- recognising maps and the operations that absorb them -------------------------------
+    def channel_map(self, node: torch.fx.Node, x: torch.fx.Node) -> ChannelMap | None:
+        """`node` as a per-channel map of its input `x`, or None."""
+        if _mixes_channels(self.gm, node):
+            return None  # not worth classifying (that would read its weights)
+        rule = self.classify(node)
+        if rule is None or rule.kind not in _MAP_KINDS or not rule.inputs or rule.inputs[0] is not x:
+            return None
+        shape = shape_of(x)
+        if shape is None or len(shape) < 2 or shape_of(node) != shape:
+            return None
+        ndim = len(shape)
+        if rule.kind == "affine":
+            if not rule.op.is_per_channel or rule.axis is None or rule.op.in_channels != shape[rule.axis % ndim]:
+                return None
+            return ChannelMap(node, rule.axis % ndim, rule.op.weight.reshape(-1), rule.op.bias, rule.member)
+        one = torch.tensor(1.0, dtype=torch.float64)
+        if rule.kind == "scale":
+            scale, shift = rule.scale, torch.tensor(0.0, dtype=torch.float64)
+        else:
+            scale, shift = torch.tensor(rule.sign, dtype=torch.float64), rule.shift
+        axes = set()
+        for c in (scale, shift):
+            if c.dim() > ndim:
+                return None
+            axes |= {ndim - c.dim() + i for i, n in enumerate(c.shape) if n != 1}
+        if len(axes) > 1:
+            return None
+        axis = axes.pop() if axes else None
+        vectors = [c.reshape(-1) if c.numel() > 1 else c.reshape(()) for c in (scale * one, shift)]
+        return ChannelMap(node, axis, vectors[0], vectors[1], rule.member)
+
+    def is_linear(self, node) -> bool:
+        rule = self.classify(node)
+        return rule is not None and rule.kind in _MAP_KINDS
+
+    def absorber_problem(self, producer, axis: int, readers) -> str | None:
+        """Why `producer` would not absorb a per-channel map along `axis` placed before `readers`
+        (which must be its only readers, metadata aside), or None when it would."""
+        rule = self.classify(producer)
+        name = _describe(self.gm, producer)
+        if rule is None or rule.kind not in _MAP_KINDS:
+            return f"it is produced by {name}, not a linear operation that could absorb its slice of the map"
+        shape = shape_of(producer)
+        if rule.kind == "affine":
+            if rule.axis is None or rule.axis % len(shape) != axis:
+                return f"it is produced by {name}, whose channels are not along axis {axis}"
+        else:
+            m = self.channel_map(producer, rule.inputs[0])
+            if m is None or m.axis not in (None, axis):
+                return f"it is produced by {name}, which is not a map along axis {axis}"
+        others = [u for u in _real_users(producer) if u not in readers]
+        if others:
+            return f"{name} is also read by {', '.join(u.name for u in others)}"
+        return None
+
+    # -- building the maps ---------------------------------------------------------------------
+    def insert_map(self, x: torch.fx.Node, axis: int, scale: torch.Tensor, shift: torch.Tensor,
+                   name: str) -> torch.fx.Node:
+        """`x * scale + shift` along `axis`, inserted right after `x`; the scale or shift is
+        left out where it changes nothing."""
+        value = x
+        with self.gm.graph.inserting_before(x.next):  # each new node goes after the one before
+            if not bool((scale == 1).all()):
+                value = self._binary(operator.mul, value, scale, axis, f"{name}_scale", x)
+            if bool(shift.any()):
+                value = self._binary(operator.add, value, shift, axis, f"{name}_shift", x)
+        return value
+
+    def _binary(self, fn, value, vector, axis, name, like) -> torch.fx.Node:
+        """`fn(value, constant)`, the constant a new buffer broadcast along `axis`."""
+        ndim = len(shape_of(like))
+        constant = vector.reshape(-1, *([1] * (ndim - 1 - axis))) if vector.dim() else vector
+        constant = constant.to(self._device())  # where the model's weights are, for the algebra too
+        attr = self._attr_name()
+        self.gm.register_buffer(attr, constant.to(dtype=dtype_of(like) or torch.float32))
+        attr_node = self.gm.graph.get_attr(attr)
+        self.consts.values[attr_node] = constant.clone()
+        return self._node(fn, (value, attr_node), like, name)
+
+    def _attr_name(self) -> str:
+        while hasattr(self.gm, f"_reparam_distributed_{self._count}"):
+            self._count += 1
+        name = f"_reparam_distributed_{self._count}"
+        self._count += 1
+        return name
+
+    def _device(self) -> torch.device:
+        first = next(iter(self.gm.parameters()), None)
+        first = next(iter(self.gm.buffers()), None) if first is None else first
+        return first.device if first is not None else torch.device("cpu")
+
+    def erase(self, node: torch.fx.Node, replacement: torch.fx.Node) -> None:
+        for user in node.users:
+            self._rules.pop(user, None)
+        node.replace_all_uses_with(replacement)
+        self.gm.graph.erase_node(node)
+        self._rules[node] = None
+
+    # -- 1. a map after a concatenation --------------------------------------------------------
+    def cat_map(self, cat: torch.fx.Node) -> None:
+        """Every per-channel map reading the concatenation `cat`, moved onto its inputs."""
+        rule = self.classify(cat)
+        if rule is None or rule.kind != "concat":
+            return
+        moved = True
+        while moved:  # after a map moves, its reader (a layer scale after a BatchNorm) may be next
+            maps = [m for m in (self.channel_map(u, cat) for u in _real_users(cat)) if m is not None]
+            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0])
+
+    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap) -> bool:
+        """Move `m` onto the inputs of `cat`; False (with the reason recorded) when it stays."""
+        shape = shape_of(cat)
+        axis = rule.axis % len(shape)
+        inputs = rule.inputs
+        linear_inputs = [x for x in inputs if self.is_linear(x)]
+        if not linear_inputs:
+            return False  # nothing to fold into
+        where = [member_name(x) for x in linear_inputs] + [cat.name, m.member]
+        if m.axis not in (None, axis):
+            self.refuse(where, f"kept after the concatenation: the map acts along axis {m.axis}, the "
+                               f"concatenation is along axis {axis}, so no slice of it belongs to one input")
+            return False
+        others = [u for u in _real_users(cat) if u is not m.node]
+        if others:
+            self.refuse(where, f"kept after the concatenation: {cat.name} is also read by "
+                               f"{', '.join(u.name for u in others)}, which needs it without the map")
+            return False
+        if len(set(inputs)) != len(inputs):
+            self.refuse(where, "kept after the concatenation: one value is concatenated twice, and its two "
+                               "slices of the map differ")
+            return False
+        for k, x in enumerate(inputs):
+            problem = self.absorber_problem(x, axis, (cat,))
+            if problem is not None:
+                self.refuse(where, f"kept after the concatenation: input {k} of {cat.name}: {problem}")
+                return False
+        offset = 0
+        new_inputs = []
+        for x in inputs:
+            c = shape_of(x)[axis]
+            scale, shift = m.slice(offset, offset + c)
+            new_inputs.append(self.insert_map(x, axis, _full(scale, c), _full(shift, c),
+                                              f"{m.member}_{offset}_{offset + c}"))
+            offset += c
+        tensors = list(new_inputs)
+        args = list(cat.args)
+        if args:
+            args[0] = tensors
+            cat.args = tuple(args)
+        else:
+            cat.kwargs = {**cat.kwargs, "tensors": tensors}
+        self._rules.pop(cat, None)
+        self.erase(m.node, cat)
+        return True
+
+    # -- 2. maps on the pieces of a split -------------------------------------------------------
+    def split_maps(self, y: torch.fx.Node) -> torch.fx.Node | None:
+        """Move the maps on the pieces of `y` before the split; returns the value the split now
+        reads, or None when nothing moved."""
+        shape = shape_of(y)
+        if shape is None or len(shape) < 2:
+            return None
+        readers = _real_users(y)
+        splits = [_split_pieces(r, y) for r in readers]
+        found = [s for s in splits if s is not None]
+        if not found:
+            return None
+        pieces = [p for s in found for p in s[1]]
+        axes = {s[0] for s in found}
+        mapped = []  # (piece, map, lo, hi)
+        for node, lo, hi in pieces:
+            users = _real_users(node)
+            m = next((mm for mm in (self.channel_map(u, node) for u in users) if mm is not None), None)
+            if m is not None:
+                mapped.append((node, users, m, lo, hi))
+        if not mapped:
+            return None
+        if len(axes) != 1 or not self.is_linear(y):
+            return None  # split along several axes, or a nonlinearity split: no neighbour to fold into
+        axis = axes.pop()
+        where = [member_name(y)] + [m.member for _, _, m, _, _ in mapped]
+        if len(found) != len(readers):
+            others = [r.name for r, s in zip(readers, splits) if s is None]
+            self.refuse(where, f"kept on the pieces: {y.name} is also read whole by {', '.join(others)}")
+            return None
+        problem = self.absorber_problem(y, axis, readers)
+        if problem is not None:
+            self.refuse(where, f"kept on the pieces: {problem}")
+            return None
+        moved = []
+        for node, users, m, lo, hi in mapped:
+            if m.axis not in (None, axis):
+                self.refuse_map(y, m, f"kept on its piece: it acts along axis {m.axis}, the split is along "
+                                      f"axis {axis}")
+                continue
+            if len(users) != 1:
+                others = ", ".join(u.name for u in users if u is not m.node)
+                self.refuse_map(y, m, f"kept on its piece: channels {lo}:{hi} ({node.name}) are also read by "
+                                      f"{others}, which needs them without the map")
+                continue
+            overlap = [(p, plo, phi) for p, plo, phi in pieces
+                       if p is not node and _real_users(p) and plo < hi and lo < phi]
+            if overlap:
+                p, plo, phi = overlap[0]
+                self.refuse_map(y, m, f"kept on its piece (channels {lo}:{hi}): {p.name} reads channels "
+                                      f"{plo}:{phi} without the map")
+                continue
+            moved.append((node, m, lo, hi))
+        if not moved:
+            return None
+        c = shape[axis]
+        scale, shift = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        for _, m, lo, hi in moved:
+            scale[lo:hi], shift[lo:hi] = m.scale, m.shift  # the piece's map covers its channels
+        mapped_y = self.insert_map(y, axis, scale, shift, "_".join(m.member for _, m, _, _ in moved))
+        for r in readers:
+            r.replace_input_with(y, mapped_y)
+            self._rules.pop(r, None)
+        for node, m, _, _ in moved:
+            self.erase(m.node, node)
+        return mapped_y
+
+    # -- 3. sums written with stack ------------------------------------------------------------
+    def stack_sum(self, stack: torch.fx.Node) -> None:
+        """`stack(xs, d).sum(d)` / `.mean(d)` as additions of the branches (times 1/n for a mean)."""
+        tensors = stack.args[0] if stack.args else stack.kwargs.get("tensors")
+        dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
+        shape, dtype = shape_of(stack), dtype_of(stack)
+        if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or shape is None \
+                or dtype is None or not dtype.is_floating_point \
+                or not all(isinstance(t, torch.fx.Node) and shape_of(t) is not None for t in tensors):
+            return
+        dim %= len(shape)
+        users = list(stack.users)
+        sums = [(u, r) for u, r in ((u, _reduction(u, stack)) for u in users) if r is not None]
+        if not sums:
+            return  # stacked for something else (attention heads, a max): not a sum
+        linear = [t for t in tensors if self.is_linear(t) or (self.classify(t) or _NOT_LINEAR).kind == "sum"]
+        if not linear:
+            return  # no branch is linear: nothing to fuse
+        if stack in self.classifier.mutated or any(t in self.classifier.mutated for t in tensors):
+            return  # updated in place: the linear-form pass says so
+        where = [member_name(t) for t in linear] + [stack.name]
+        if len(users) != 1:
+            others = ", ".join(u.name for u in users if u is not sums[0][0])
+            self.refuse(where, f"kept as a stack: {stack.name} is also read by {others}")
+            return
+        reader, (how, dims, keepdim) = sums[0]
+        where.append(reader.name)
+        if dims != (dim,):
+            self.refuse(where, f"kept as a stack: {how} over axis {', '.join(map(str, dims))}, not the stacked "
+                               f"axis {dim}: not a sum of the branches")
+            return
+        if keepdim:
+            self.refuse(where, f"kept as a stack: {how} with keepdim=True keeps the stacked axis, which a "
+                               "sum of the branches does not have")
+            return
+        total = tensors[0]
+        with self.gm.graph.inserting_before(reader):
+            for k, t in enumerate(tensors[1:], 1):
+                total = self._node(operator.add, (total, t), reader, f"{stack.name}_sum_{k}")
+            if how == "mean" and len(tensors) > 1:
+                total = self._node(operator.truediv, (total, len(tensors)), reader, f"{stack.name}_mean")
+        self.erase(reader, total)
+        self.gm.graph.erase_node(stack)
+        self._rules[stack] = None
+
+    def _node(self, fn, args, like, name) -> torch.fx.Node:
+        node = self.gm.graph.create_node("call_function", fn, args, {}, name=_node_name(name))
+        node.meta.update({k: like.meta[k] for k in ("reparam_shape", "tensor_meta") if k in like.meta})
+        return node
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [u for u in node.users if not is_metadata_read(u, node)]
+
+
+_MIXING_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _mixes_channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A conv or Linear (never a per-channel map), recognised without reading its weights."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MIXING_MODULES)
+    return node.op == "call_function" and node.target in _MIXING_FUNCTIONS
+
+
+def _is_call(node: torch.fx.Node, functions) -> bool:
+    return node.op == "call_function" and node.target in functions
+
+
+def _is_split_like(node: torch.fx.Node) -> bool:
+    """`chunk`/`split` (functions or methods) or a slice `y[...]` of a tensor `y`."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
+        return False
+    if node.op == "call_method":
+        return node.target in ("chunk", "split")
+    return node.op == "call_function" and (node.target in _CHUNK or node.target in _SPLIT
+                                           or (node.target is operator.getitem and len(node.args) == 2))
+
+
+def _part(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return v if v.dim() == 0 else v[lo:hi]
+
+
+def _full(v: torch.Tensor, c: int) -> torch.Tensor:
+    return v.expand(c).clone() if v.dim() == 0 else v
+
+
+def _node_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+
+
+def _describe(gm: torch.fx.GraphModule, node) -> str:
+    """How a refusal names the operation that produces `node`: its module class, or its function."""
+    if not isinstance(node, torch.fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target))
+        return name if node.name == name else f"{name} ({node.name})"
+    if node.op == "placeholder":
+        return f"the input {node.name}"
+    return node.name
+
+
+def _reduction(node: torch.fx.Node, x: torch.fx.Node) -> tuple[str, tuple[int, ...], bool] | None:
+    """("sum" or "mean", the axes reduced, keepdim) when `node` is `x.sum(...)`/`torch.mean(x, ...)`
+    over given axes with no dtype, else None."""
+    if node.op == "call_method" and node.target in ("sum", "mean"):
+        how = node.target
+    elif node.op == "call_function" and node.target in _REDUCE:
+        how = _REDUCE[node.target]
+    else:
+        return None
+    bound = dict(zip(("input", "dim", "keepdim"), node.args))
+    bound.update(node.kwargs)
+    if bound.get("input") is not x or set(bound) - {"input", "dim", "keepdim", "dtype"} \
+            or bound.get("dtype") is not None or len(node.args) > 3:
+        return None
+    dims, keepdim = bound.get("dim"), bound.get("keepdim", False)
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims) \
+            or not isinstance(keepdim, bool):
+        return None
+    ndim = len(shape_of(x))
+    return how, tuple(sorted({d % ndim for d in dims})), keepdim
+
+
+def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
+    """(axis, [(piece node, first channel, end channel)]) when `node` splits `y` along one axis
+    into pieces (`chunk`, `split`, or a slice `y[:, a:b]`), else None."""
+    shape = shape_of(y)
+    ndim = len(shape)
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is y:
+        found = _channel_slice(node.args[1], shape)
+        return None if found is None else (found[0], [(node, found[1], found[2])])
+    is_chunk = (node.op == "call_function" and node.target in _CHUNK) or (node.op == "call_method"
+                                                                          and node.target == "chunk")
+    is_split = (node.op == "call_function" and node.target in _SPLIT) or (node.op == "call_method"
+                                                                          and node.target == "split")
+    if not (is_chunk or is_split) or not node.args or node.args[0] is not y:
+        return None
+    names = ("tensor", "chunks" if is_chunk else "split_size_or_sections", "dim")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    if node.op == "call_method" and is_split and "split_size" in bound:
+        bound[names[1]] = bound.pop("split_size")
+    if set(bound) - set(names):
+        return None
+    how, dim = bound.get(names[1]), bound.get("dim", 0)
+    if not isinstance(dim, int) or not (isinstance(how, int) or (isinstance(how, (list, tuple))
+                                                                 and all(isinstance(v, int) for v in how))):
+        return None
+    dim %= ndim
+    probe = torch.empty(shape[dim], device="meta")
+    try:
+        sizes = [p.shape[0] for p in (probe.chunk(how) if is_chunk else probe.split(how))]
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    pieces = []
+    for u in node.users:
+        if u.op != "call_function" or u.target is not operator.getitem or u.args[0] is not node \
+                or not isinstance(u.args[1], int) or not -len(sizes) <= u.args[1] < len(sizes):
+            return None  # the pieces are read as a whole (a list passed on): not tracked
+        k = u.args[1] % len(sizes)
+        pieces.append((u, starts[k], starts[k] + sizes[k]))
+    return dim, pieces
+
+
+def _channel_slice(key, shape) -> tuple[int, int, int] | None:
+    """(axis, start, stop) when `key` slices one axis with step 1 and keeps the others whole."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        return None
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (len(shape) - len(key))
+    if len(key) != len(shape) or not all(isinstance(k, slice) for k in key):
+        return None
+    cut = [(i, k) for i, k in enumerate(key) if k != slice(None)]
+    if len(cut) != 1:
+        return None
+    axis, s = cut[0]
+    if s.step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (s.start, s.stop)):
+        return None
+    start, stop, _ = s.indices(shape[axis])
+    if axis == 0 or stop <= start:
+        return None  # the batch axis, or an empty slice
+    return axis, start, stop
+
+
+__all__ = ["distribute_linear_maps"]
