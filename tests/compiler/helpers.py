@@ -59,6 +59,16 @@ def call_targets(gm) -> list:
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
+def assert_close_float32(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Fuse `model` in float32 end to end and compare outputs with float32 tolerances; returns it."""
+    import reparam
+
+    fused = reparam.fuse(model.eval(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    return fused
+
+
 def assert_same(model: nn.Module, fused: nn.Module, *inputs, rel: float = 1e-9) -> float:
     """Outputs equal in float64 to a relative `rel`; returns the max abs difference."""
     model = model.eval()

@@ -11,6 +11,16 @@ import reparam
 from .helpers import assert_same, n_bns, n_convs, randomize_bn
 
 
+def assert_rejects_3d(fused, *inputs):
+    """The rank checks that stay still check: a 3-D input (which conv2d accepts) fails one."""
+    try:
+        fused(*inputs)
+    except AssertionError as exc:
+        assert "expected 4D input" in str(exc)
+    else:
+        raise AssertionError("a rank check was lost")
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """A norm layer as popular model libraries write it: shape assert, functional BN, Identity act."""
 
@@ -48,12 +58,7 @@ def test_conv_bn_act_with_shape_assert_folds_when_channels_change():
     # by it (conv, relu and conv keep the rank), and a 3-D input still fails the first.
     asserts = [n for n in fused.graph.nodes if n.target is torch._assert]
     assert len(asserts) == 1
-    try:
-        fused(x[0])
-    except AssertionError as exc:
-        assert "expected 4D input" in str(exc)
-    else:
-        raise AssertionError("the rank check was lost")
+    assert_rejects_3d(fused, x[0])
 
 
 class ManyReads(nn.Module):
@@ -166,12 +171,7 @@ def test_repeated_rank_checks_on_one_fused_value_run_once():
     assert sorted(str(n.args[1]) for n in asserts).count("channels") == 2
     assert len(asserts) == 3
     # The checks that stay still check: a 3-D input (which conv2d would accept) fails.
-    try:
-        fused(x[0])
-    except AssertionError as exc:
-        assert "expected 4D input" in str(exc)
-    else:
-        raise AssertionError("the rank check was lost")
+    assert_rejects_3d(fused, x[0])
 
 
 class TwoInputs(nn.Module):
@@ -210,9 +210,4 @@ def test_rank_checks_implied_by_an_earlier_one_are_dropped():
     assert sum("expected 4D" in m for m in messages) == 3  # x, y and the joined chain
     assert drop_implied_rank_checks(fused) == 0  # nothing more to drop
     for bad in ((x[0], y), (x, y[0])):  # a 3-D input on either side still fails its check
-        try:
-            fused(*bad)
-        except AssertionError as exc:
-            assert "expected 4D input" in str(exc)
-        else:
-            raise AssertionError("a rank check was lost")
+        assert_rejects_3d(fused, *bad)
