@@ -134,14 +134,21 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
     named as well (it could fold into each of its readers). Returns "A -> B" for each pair that is
     not; an empty list means every linear operation left is either alone or explained.
     """
+    from .passes.cleanup import RESTORED_IN_PLACE
+    from .passes.functionalize import values_updated_in_place
     from .passes.ops import Classifier, member_name
-    from .trace import Constants
+    from .trace import Constants, is_shape_query
 
     report = report if report is not None else getattr(fused, "report", None)
     consts = Constants({n: (v.detach().double() if v.is_floating_point() else v.detach())
                         for n in fused.graph.nodes if n.op == "get_attr"
                         for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
     classify = Classifier(fused, consts)
+    # Updates `restore_in_place` made after fusion write values nothing else reads: as computations
+    # they are their out-of-place forms.
+    restored = {n for n in fused.graph.nodes if n.meta.get(RESTORED_IN_PLACE)}
+    if restored:
+        classify.mutated = values_updated_in_place(fused, is_shape_query, restored)
     named: set[str] = set()
     regions = {}
     if report is not None:

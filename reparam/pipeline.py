@@ -27,7 +27,8 @@ from .passes.distribute import distribute_linear_maps
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
-from .passes.cleanup import deduplicate_metadata_checks, drop_implied_rank_checks
+from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_checks, drop_reshape_round_trips,
+                             restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
 from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
@@ -349,6 +350,8 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
     deduplicate_metadata_checks(gm, is_metadata_read)
     drop_implied_rank_checks(gm)
+    drop_reshape_round_trips(gm)
+    restore_in_place(gm, is_metadata_read)  # last: no later pass may judge values by their readers
     report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
                        for r in [*kept, *consts.unfolded, *forms.refusals]]
     sites: dict[str, list] = {}

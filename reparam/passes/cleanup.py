@@ -226,3 +226,188 @@ def drop_implied_rank_checks(gm: torch.fx.GraphModule) -> int:
     if removed:
         remove_dead_nodes(gm)
     return removed
+
+
+# -- activations and sums back in place ---------------------------------------------------------
+#
+# passes/functionalize.py rewrites every in-place update out of place so that fusion can judge it;
+# after lowering, the hand-written deploy form of such a network still runs `relu_` and `x += y`
+# where the fused graph allocates a new tensor per activation and per residual sum. On a CPU that
+# allocation (often fresh pages from the OS for a feature map) costs as much as the activation.
+#
+#     pattern   act(v) for an elementwise activation with an in-place form; add(v, w) / add(w, v)
+#     check     v is the fresh result of an op whose gradient does not read its own result
+#               (convolution, Linear, BatchNorm, add, sub, mul, addcmul, cat, reparam's fused
+#               modules);
+#               nothing else reads v's numbers (metadata reads do not change); v is not an output;
+#               for a sum, v already has the sum's shape and dtype
+#     rewrite   the in-place form, writing into v
+
+_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FRESH_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.linear,
+                F.batch_norm, operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
+                torch.addcmul, torch.cat, torch.concat}
+_FRESH_METHODS = {"add", "sub", "mul", "addcmul", "__add__", "__sub__", "__mul__"}
+# module type -> (function with an `inplace` argument, the module attributes passed before it)
+_ACTIVATION_MODULES = {nn.ReLU: (F.relu, ()), nn.ReLU6: (F.relu6, ()), nn.SiLU: (F.silu, ()),
+                       nn.Hardswish: (F.hardswish, ()), nn.Hardsigmoid: (F.hardsigmoid, ()),
+                       nn.Mish: (F.mish, ()), nn.LeakyReLU: (F.leaky_relu, ("negative_slope",)),
+                       nn.ELU: (F.elu, ("alpha",)), nn.Hardtanh: (F.hardtanh, ("min_val", "max_val"))}
+_ACTIVATION_FUNCS = {F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu, F.elu,
+                     F.hardtanh}
+_IN_PLACE_TWINS = {torch.relu: torch.relu_}
+_ACTIVATION_METHODS = {"relu": "relu_"}
+_SUMS = {operator.add, torch.add}
+# Node meta key marking an update this pass made in place: nothing else reads the value it writes,
+# so an analysis of the fused graph (`reparam.measure`) may read it as its out-of-place form.
+RESTORED_IN_PLACE = "reparam_restored_in_place"
+
+
+def _fresh_and_private(gm: torch.fx.GraphModule, value, reader: torch.fx.Node, is_metadata_read) -> bool:
+    """May `reader` overwrite `value`: a fresh tensor whose numbers nothing else reads?"""
+    if not isinstance(value, torch.fx.Node):
+        return False
+    if value.op == "call_module":
+        module = gm.get_submodule(value.target)
+        # Exact types only: a subclass may compute something else (and return its input).
+        fresh = type(module) in _FRESH_MODULES or type(module).__module__ == "reparam.modules"
+    elif value.op == "call_function":
+        fresh = value.target in _FRESH_FUNCS and "out" not in value.kwargs
+    elif value.op == "call_method":
+        fresh = value.target in _FRESH_METHODS
+    else:
+        fresh = False
+    return fresh and all(user is reader or is_metadata_read(user, value) for user in value.users)
+
+
+def _tensor_meta(value):
+    return value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
+
+
+def restore_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> int:
+    """Run activations and residual sums in place where that cannot change any result; return how
+    many were rewritten (the rule is above)."""
+    graph = gm.graph
+    rewritten = 0
+    module_sites: dict[str, list[torch.fx.Node | None]] = {}  # activation module -> its calls that may run in place
+    for node in graph.nodes:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in _ACTIVATION_MODULES:
+            module_sites.setdefault(node.target, []).append(
+                node if len(node.args) == 1 and not node.kwargs
+                and _fresh_and_private(gm, node.args[0], node, is_metadata_read) else None)
+    for target, sites in module_sites.items():
+        module = gm.get_submodule(target)
+        if all(sites) and getattr(module, "inplace", True) is False:
+            module.inplace = True  # the fused model's own copy: every call of it qualifies
+            for node in sites:
+                node.meta[RESTORED_IN_PLACE] = True
+            rewritten += len(sites)
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            entry = _ACTIVATION_MODULES.get(type(module))
+            if entry is None or getattr(module, "inplace", True) or len(node.args) != 1 or node.kwargs:
+                continue
+            value = node.args[0]
+            if not _fresh_and_private(gm, value, node, is_metadata_read):
+                continue
+            fn, attributes = entry  # a module also called where it may not run in place
+            with graph.inserting_before(node):
+                twin = graph.call_function(fn, (value, *(getattr(module, a) for a in attributes)),
+                                           {"inplace": True})
+        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCS:
+            if len(node.args) != 1 or set(node.kwargs) - {"inplace"} or node.kwargs.get("inplace"):
+                continue  # an activation with extra arguments by position: left as written
+            value = node.args[0]
+            if not _fresh_and_private(gm, value, node, is_metadata_read):
+                continue
+            with graph.inserting_before(node):
+                twin = graph.call_function(node.target, (value,), {"inplace": True})
+        elif node.op == "call_function" and node.target in _IN_PLACE_TWINS:
+            if len(node.args) != 1 or node.kwargs or not _fresh_and_private(gm, node.args[0], node, is_metadata_read):
+                continue
+            with graph.inserting_before(node):
+                twin = graph.call_function(_IN_PLACE_TWINS[node.target], (node.args[0],))
+        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+            if len(node.args) != 1 or node.kwargs or not _fresh_and_private(gm, node.args[0], node, is_metadata_read):
+                continue
+            with graph.inserting_before(node):
+                twin = graph.call_method(_ACTIVATION_METHODS[node.target], (node.args[0],))
+        elif node.op == "call_function" and node.target in _SUMS and len(node.args) == 2 and not node.kwargs:
+            twin = _sum_in_place(gm, node, is_metadata_read)
+            if twin is None:
+                continue
+        else:
+            continue
+        twin.meta = {**node.meta, RESTORED_IN_PLACE: True}
+        node.replace_all_uses_with(twin)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
+def _sum_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node, is_metadata_read):
+    """`v.add_(w)` for `v + w` or `w + v` when v may be overwritten and holds the sum's shape."""
+    a, b = node.args
+    result = _tensor_meta(node)
+    if result is None or a is b:
+        return None
+    for value, other in ((a, b), (b, a)):
+        meta = _tensor_meta(value)
+        if (meta is None or tuple(meta.shape) != tuple(result.shape) or meta.dtype != result.dtype
+                or not _fresh_and_private(gm, value, node, is_metadata_read)):
+            continue
+        if isinstance(other, torch.fx.Node):
+            other_meta = _tensor_meta(other)
+            if other_meta is None or other_meta.dtype != result.dtype:
+                continue  # a mixed-dtype sum promotes: in place it would not
+        elif not isinstance(other, (int, float)) or isinstance(other, bool):
+            continue
+        with gm.graph.inserting_before(node):
+            # Float addition is commutative, so v + w and w + v give the same bits.
+            return gm.graph.call_method("add_", (value, other))
+    return None
+
+
+# -- reshapes that come back to where they started ----------------------------------------------
+#
+# A BatchNorm1d on tokens is written `bn(x.flatten(0, 1)).reshape_as(x)`; once the norm has folded
+# into the Linear before it, `y.flatten(0, 1).reshape_as(y)` is left: two Python calls per block
+# that give back y's own elements in y's own order and shape.
+#
+#     pattern   reshape_as(c, y) / view_as(c, y), c reached from y by flatten / view / reshape /
+#               unflatten steps only (none of them reorders elements)
+#     check     y is the output of a Linear (contiguous whatever the input, so y itself has the
+#               strides the reshape would give)
+#     rewrite   y
+
+_ORDER_KEEPING_METHODS = {"flatten", "view", "reshape", "unflatten", "reshape_as", "view_as"}
+_ORDER_KEEPING_FUNCS = {torch.flatten, torch.reshape, torch.unflatten}
+
+
+def _is_linear_output(gm: torch.fx.GraphModule, value: torch.fx.Node) -> bool:
+    if value.op == "call_module":
+        return type(gm.get_submodule(value.target)) is nn.Linear
+    return value.op == "call_function" and value.target is F.linear
+
+
+def drop_reshape_round_trips(gm: torch.fx.GraphModule) -> int:
+    """Replace reshapes that restore their source's own shape by that source; return how many."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_method" and node.target in ("reshape_as", "view_as") and len(node.args) == 2):
+            continue
+        step, source = node.args
+        if not isinstance(source, torch.fx.Node) or not _is_linear_output(gm, source):
+            continue
+        while isinstance(step, torch.fx.Node) and step is not source and (
+                (step.op == "call_method" and step.target in _ORDER_KEEPING_METHODS)
+                or (step.op == "call_function" and step.target in _ORDER_KEEPING_FUNCS)):
+            step = step.args[0]
+        if step is source:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        remove_dead_nodes(gm)
+    return dropped

@@ -45,11 +45,16 @@ _METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "neg_": 
             "relu_": "relu", "sigmoid_": "sigmoid", "tanh_": "tanh", "clamp_": "clamp",
             "clamp_min_": "clamp_min", "clamp_max_": "clamp_max", "abs_": "abs", "exp_": "exp"}
 
+# Arithmetic that, applied to sizes only, gives a size.
+_SIZE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                    operator.truediv, operator.mod, operator.neg}
+
 # Ops whose result never shares memory with their inputs.
 _ALLOCATING_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
     operator.pow, operator.matmul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.cat,
-    torch.concat, torch.stack, torch.matmul, torch.bmm, torch.einsum, torch.relu, torch.sigmoid,
+    torch.concat, torch.stack, torch.matmul, torch.zeros, torch.zeros_like, torch.ones, torch.ones_like,
+    torch.full, torch.full_like, torch.empty, torch.empty_like, torch.bmm, torch.einsum, torch.relu, torch.sigmoid,
     torch.tanh, torch.exp, torch.sqrt, torch.mean, torch.sum, torch.softmax, torch.conv1d,
     torch.conv2d, torch.conv3d, torch.addcmul, torch.where, torch.clamp,
     F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
@@ -62,7 +67,8 @@ _ALLOCATING_FUNCTIONS = {
 _ALLOCATING_METHODS = {
     "add", "sub", "mul", "div", "neg", "__add__", "__sub__", "__mul__", "__truediv__", "__radd__",
     "__rsub__", "__rmul__", "__rtruediv__", "__neg__", "matmul", "__matmul__", "mean", "sum", "softmax",
-    "sigmoid", "relu", "tanh", "exp", "sqrt", "pow", "clone", "clamp", "abs", "addcmul",
+    "sigmoid", "relu", "tanh", "exp", "sqrt", "pow", "clone", "clamp", "abs", "addcmul", "new_zeros",
+    "new_ones", "new_full", "new_empty",
 }
 _ALLOCATING_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -92,13 +98,14 @@ def functionalize(gm: torch.fx.GraphModule, is_metadata_read) -> list[KeptInPlac
     return _Functionalizer(gm, is_metadata_read).run()
 
 
-def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> set[torch.fx.Node]:
-    """Every node whose value may share memory with a value some node updates in place."""
+def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read, ignored=frozenset()) -> set[torch.fx.Node]:
+    """Every node whose value may share memory with a value some node updates in place (updates
+    by the nodes in `ignored` left out)."""
     aliases = _Aliases(gm, is_metadata_read)
     updated = set()
     for node in gm.graph.nodes:
         aliases.add(node)
-        if aliases.updates_in_place(node) and isinstance(node.args[0], torch.fx.Node):
+        if node not in ignored and aliases.updates_in_place(node) and isinstance(node.args[0], torch.fx.Node):
             updated.add(aliases.find(node))
     return {n for n in gm.graph.nodes if n in aliases.parent and aliases.find(n) in updated}
 
@@ -113,6 +120,7 @@ class _Aliases:
         self._in_place: dict[torch.fx.Node, bool] = {}
         self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
         self.members: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        self._sizes: set[torch.fx.Node] = set()  # metadata reads, and integer arithmetic on them
 
     def find(self, node: torch.fx.Node) -> torch.fx.Node:
         root = node
@@ -135,6 +143,7 @@ class _Aliases:
         """Place a node, after all its inputs, in its class."""
         self.parent[node] = node
         self.members[node] = [node]
+        self._note_size(node)
         if fresh is None:
             fresh = self._allocates(node)
         if fresh:
@@ -144,8 +153,16 @@ class _Aliases:
                 self.union(node, node.args[0])
             return
         for source in node.all_input_nodes:
-            if source in self.parent:
+            if source in self.parent and source not in self._sizes:
                 self.union(node, source)
+
+    def _note_size(self, node: torch.fx.Node) -> None:
+        # Sizes (`x.shape[3] // 2`) hold no tensor memory: two tensors reshaped with the same size
+        # do not share memory through it.
+        if self.is_metadata_read(node) or (
+                node.op == "call_function" and node.target in _SIZE_ARITHMETIC and node.all_input_nodes
+                and all(n in self._sizes for n in node.all_input_nodes)):
+            self._sizes.add(node)
 
     def updates_in_place(self, node: torch.fx.Node) -> bool:
         if node not in self._in_place:

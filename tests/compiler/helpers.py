@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from reparam.passes.cleanup import RESTORED_IN_PLACE
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,6 +62,33 @@ def n_bns(gm) -> int:
 
 def call_targets(gm) -> list:
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+SUM_TARGETS = (operator.add, torch.add, "add", "add_")
+
+
+def n_sums(gm) -> int:
+    """Tensor sums left, out of place or in place (`fuse` writes a sum into a fresh addend)."""
+    return sum(t in SUM_TARGETS for t in call_targets(gm))
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_}
+
+
+def in_place_nodes(gm, restored: bool = False) -> list[str]:
+    """Nodes that update a value in place (any spelling). Updates `fuse` put back in place after
+    fusion, writing into a fresh value nothing else reads, count only with `restored=True`."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.meta.get(RESTORED_IN_PLACE) and not restored:
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
+            out.append(node.name)
+        elif node.op == "call_function" and (node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace")):
+            out.append(node.name)
+        elif node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
+            out.append(node.name)
+    return out
 
 
 def assert_close_float32(model: nn.Module, x: torch.Tensor) -> nn.Module:

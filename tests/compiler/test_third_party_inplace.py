@@ -9,7 +9,6 @@ All in float64 with randomized BatchNorm statistics.
 
 from __future__ import annotations
 
-import operator
 
 import pytest
 import torch
@@ -19,25 +18,9 @@ from torch import nn
 import reparam
 from reparam.optional import MissingExtra, require
 
-from .helpers import assert_same, conv_bn, n_bns, n_convs, rbn, randomize_bn
+from .helpers import assert_same, conv_bn, in_place_nodes, n_bns, n_convs, rbn, randomize_bn
 
 torch.manual_seed(0)
-
-IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_}
-
-
-def in_place_nodes(gm) -> list[str]:
-    """Nodes that still update a value in place (any spelling)."""
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
-            out.append(node.name)
-        elif node.op == "call_function" and (node.target in IN_PLACE_FUNCTIONS or node.kwargs.get("inplace")):
-            out.append(node.name)
-        elif node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False):
-            out.append(node.name)
-    return out
-
 
 def call_targets_of(gm) -> list:
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
@@ -339,4 +322,30 @@ def test_timm_mobileone_is_one_conv_per_block():
     assert not in_place_nodes(fused)
     assert n_bns(fused) == 0
     assert n_convs(fused) == len(blocks)
+    assert_same(model, fused, x)
+
+
+class SizesShared(nn.Module):
+    """RepMLPNet's block: two tensors reshaped with the same sizes taken from the input, then
+    `y += ...`. A size is not memory: `y` does not alias the input through it."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 1)
+        self.c2, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), rbn(c)
+
+    def forward(self, x):
+        w = x.shape[3] // 1
+        v = x.reshape(-1, 4, x.shape[2], w)
+        y = self.c1(v).reshape(-1, 8, x.shape[2], w)
+        y += self.bn(self.c2(x))
+        return y
+
+
+def test_values_reshaped_with_the_same_sizes_do_not_alias():
+    model = SizesShared().double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert not fused.report.refusals and n_bns(fused) == 0 and n_convs(fused) == 2
+    assert not in_place_nodes(fused)
     assert_same(model, fused, x)

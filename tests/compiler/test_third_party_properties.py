@@ -13,7 +13,6 @@ must stay in place and be reported, and the numbers must still match.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from torch import nn
 import reparam
 
 from . import strategies as S
+from .helpers import in_place_nodes
 from .test_properties import arithmetic_nodes, assert_close, count
 
 IN_PLACE_STYLES = ("iop", "method", "alpha")
@@ -87,18 +87,6 @@ def in_place_net(spec: S.NetSpec, styles: list[str], leak: bool = False) -> tupl
         block.style, block.leak = style, leak
     model.act_relu = InPlaceAct()
     return model, x
-
-
-def in_place_nodes(gm) -> list[str]:
-    found = []
-    for node in gm.graph.nodes:
-        name = str(node.target)
-        if node.op == "call_method" and name.endswith("_") and not name.startswith("__"):
-            found.append(node.name)
-        elif node.op == "call_function" and (node.target in (operator.iadd, operator.isub, operator.imul,
-                                                               operator.itruediv) or node.kwargs.get("inplace")):
-            found.append(node.name)
-    return found
 
 
 def run(model, x):
