@@ -285,6 +285,9 @@ def fold_constants(gm: torch.fx.GraphModule) -> Constants:
                 "that use it are not fused")))
             continue
         if not isinstance(value, torch.Tensor) or not isinstance(value64, torch.Tensor):
+            # Not a tensor (a device, a dtype, a size read from a parameter): it stays in the graph,
+            # but what is computed from it can still fold (`w + t.to(w.device)`).
+            env[node], env64[node] = value, value64
             continue
         if value64.is_floating_point():
             value64 = value64.double()

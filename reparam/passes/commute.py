@@ -156,7 +156,10 @@ def visit_pad_border(forms: "LinearFormPass", node: torch.fx.Node, rule: LinearO
                             "a zero input (its shift): not the same as padding its input with zeros")
         return None
     forms.absorb(x, node)
-    return replace(form, op=affine.compose(form.op, rule.op), members=form.members + (rule.member,),
+    # The zero padding moves to the map's input, whose channel count may differ from its output's
+    # (DBB's 1x1 that widens before BNAndPad, ECBSR's conv1x1-conv3x3 with a depth multiplier).
+    padding = affine.zero_pad(form.op.in_channels, rule.op.padding, rule.op.nd, device=bias.device)
+    return replace(form, op=affine.compose(form.op, padding), members=form.members + (rule.member,),
                    origin=None, n_ops=form.n_ops + 1)
 
 
