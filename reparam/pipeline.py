@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
 from .passes.distribute import distribute_linear_maps
+from .passes.transposed import fold_maps_into_transposed_convs
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
@@ -344,6 +345,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     kept += distribute_linear_maps(gm, consts)  # maps across cat/split, stack sums (its refusals too)
+    kept += fold_maps_into_transposed_convs(gm, consts)  # BatchNorm after a ConvTranspose (and its refusals)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
     report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
