@@ -223,7 +223,7 @@ class _Folder:
             args, kwargs = conv.args, conv.kwargs  # `output_size=` too, read the same way
         else:
             args, kwargs = (bind(conv, _TRANSPOSED_ARGS)["input"],), {}
-        with self.gm.graph.inserting_before(node):
+        with self.gm.graph.inserting_after(conv):  # before the conv's metadata readers too
             new = self.gm.graph.call_module(name, args, kwargs)
         new.meta.update({k: node.meta[k] for k in ("reparam_shape", "tensor_meta") if k in node.meta})
         node.replace_all_uses_with(new)
