@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..report import FusedRegion
 from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
 from .ops import Classifier, LinearOp, bind, computes_as_its_torch_base, member_name
@@ -71,16 +72,30 @@ def scaled_transposed_conv(weight: torch.Tensor, bias: torch.Tensor | None, grou
     return blocks.reshape(weight.shape), b * scale + shift
 
 
-def fold_maps_into_transposed_convs(gm: torch.fx.GraphModule, consts: Constants) -> list[RefusalRecord]:
+def fold_maps_into_transposed_convs(gm: torch.fx.GraphModule, consts: Constants,
+                                    regions: list[FusedRegion] | None = None) -> list[RefusalRecord]:
     """Fold every per-channel map that follows a transposed convolution into it; returns the
-    refusals to report (maps that stay, with the reason)."""
+    refusals to report (maps that stay, with the reason). When `regions` is given, one
+    `FusedRegion` per new module (the conv and the maps it absorbed) is appended to it."""
     convs = [n for n in gm.graph.nodes if is_transposed_conv(gm, n)]
     if not convs:
         return []
     folder = _Folder(gm, consts)
     for node in convs:
+        members = [member_name(node)]
+        last = None
         while node is not None:  # the folded conv's reader may be a map too (a layer scale)
-            node = folder.fold_next(node)
+            found = folder.fold_next(node)
+            if found is not None:
+                members.append(folder.absorbed)
+                last = found
+            node = found
+        if last is not None and regions is not None:
+            m = gm.get_submodule(last.target)
+            op = f"{type(m).__name__} {'x'.join(map(str, m.kernel_size))} {m.in_channels}->{m.out_channels}" + (
+                f" groups={m.groups}" if m.groups > 1 else "") + f" stride={'x'.join(map(str, m.stride))}"
+            source = last.args[0].name if last.args and isinstance(last.args[0], torch.fx.Node) else ""
+            regions.append(FusedRegion(str(last.target), op, tuple(members), source))
     if folder.changed:
         gm.recompile()
     return folder.refusals
@@ -102,6 +117,7 @@ class _Folder:
         self.classifier = Classifier(gm, consts)
         self.refusals: list[RefusalRecord] = []
         self.changed = False
+        self.absorbed = ""  # the report's name of the map folded last
 
     def refuse(self, where: list[str], reason: str) -> None:
         record = RefusalRecord(", ".join(where), reason)
@@ -133,6 +149,7 @@ class _Folder:
         if problem is not None:
             self.refuse(where, f"kept after the transposed conv: {problem}")
             return None
+        self.absorbed = rule.member
         return self.rewrite(conv, node, found_conv, scale, shift)
 
     # -- recognising -----------------------------------------------------------------------------

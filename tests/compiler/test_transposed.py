@@ -305,3 +305,21 @@ def test_property_maps_fold_into_any_transposed_conv(block):
     fused = fuse64(model, x)
     assert n_bns(fused) == 0 and n_transposed(fused) == 1
     assert [n.op for n in fused.graph.nodes].count("call_module") == 1
+
+
+def test_pass_lists_the_regions_it_creates():
+    """`fold_maps_into_transposed_convs(..., regions)` names each new module and what it absorbed."""
+    from reparam.passes.transposed import fold_maps_into_transposed_convs
+    from reparam.trace import fold_constants, propagate_shapes, trace
+
+    torch.manual_seed(9)
+    model = nn.Sequential(randomized(nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2)), rbn(6), nn.ReLU(),
+                          randomized(nn.ConvTranspose2d(6, 3, 2, 2)), rbn(3)).double().eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    gm, failed = trace(model)
+    propagate_shapes(gm, (x,), set(failed), values=False)
+    regions = []
+    assert fold_maps_into_transposed_convs(gm, fold_constants(gm), regions) == []
+    assert [(r.name, r.members) for r in regions] == [("0_folded", ("0", "1")), ("3_folded", ("3", "4"))]
+    assert regions[0].op == "ConvTranspose2d 3x3 4->6 groups=2 stride=2x2"
+    assert_same(model, gm, x, rel=1e-12)
