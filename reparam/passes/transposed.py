@@ -139,8 +139,8 @@ class _Folder:
             return None
         if len(readers) > 1:
             others = ", ".join(u.name for u in readers if u is not node)
-            self.refuse(where, f"kept after the transposed conv: its output is also read by {others}, "
-                               "which needs it without the map")
+            self.refuse(where, f"kept after the transposed conv: the output of {member_name(conv)} is also "
+                               f"read by {others}, which needs it without the map")
             return None
         if conv in self.classifier.mutated or node in self.classifier.mutated:
             self.refuse(where, "kept after the transposed conv: its output is updated in place")
@@ -181,7 +181,7 @@ class _Folder:
             axes = {ndim - c.dim() + i for i, n in enumerate(c.shape) if n != 1}
             if c.dim() > ndim or axes - {1}:
                 return rule, None, None, (f"the constant of {rule.member} (shape {tuple(c.shape)}) varies "
-                                          "along another axis than the channels")
+                                          "along an axis other than the channel axis 1")
         return rule, scale.reshape(-1), shift.reshape(-1), None
 
     def transposed(self, conv: torch.fx.Node) -> tuple[_Transposed | None, str | None]:
