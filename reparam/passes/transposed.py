@@ -118,6 +118,7 @@ class _Folder:
         self.refusals: list[RefusalRecord] = []
         self.changed = False
         self.absorbed = ""  # the report's name of the map folded last
+        self.origin: dict[torch.fx.Node, str] = {}  # a folded conv: the report's name of the original
 
     def refuse(self, where: list[str], reason: str) -> None:
         record = RefusalRecord(", ".join(where), reason)
@@ -133,13 +134,14 @@ class _Folder:
         if not maps:
             return None
         node, (rule, scale, shift, problem) = maps[0]
-        where = [member_name(conv), rule.member]
+        conv_name = self.origin.get(conv, member_name(conv))
+        where = [conv_name, rule.member]
         if problem is not None:
             self.refuse(where, f"kept after the transposed conv: {problem}")
             return None
         if len(readers) > 1:
             others = ", ".join(u.name for u in readers if u is not node)
-            self.refuse(where, f"kept after the transposed conv: the output of {member_name(conv)} is also "
+            self.refuse(where, f"kept after the transposed conv: the output of {conv_name} is also "
                                f"read by {others}, which needs it without the map")
             return None
         if conv in self.classifier.mutated or node in self.classifier.mutated:
@@ -150,7 +152,9 @@ class _Folder:
             self.refuse(where, f"kept after the transposed conv: {problem}")
             return None
         self.absorbed = rule.member
-        return self.rewrite(conv, node, found_conv, scale, shift)
+        new = self.rewrite(conv, node, found_conv, scale, shift)
+        self.origin[new] = conv_name
+        return new
 
     # -- recognising -----------------------------------------------------------------------------
     def map_of(self, node: torch.fx.Node, x: torch.fx.Node):

@@ -217,6 +217,29 @@ class ReadTwice(nn.Module):
         return torch.relu(self.bn(y)) + y
 
 
+class ReadTwiceAfterAChain(nn.Module):
+    """The BatchNorm folds; the layer scale after it stays, since the norm's output is read twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = randomized(nn.ConvTranspose1d(4, 4, 3, 2, 1, 1))
+        self.bn = rbn(4, 1)
+        self.gamma = nn.Parameter(torch.rand(4, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.bn(self.up(x))
+        return torch.relu(y * self.gamma) - y
+
+
+def test_read_twice_after_a_chain_names_the_original_conv():
+    torch.manual_seed(10)
+    fused = fuse64(ReadTwiceAfterAChain(), torch.randn(2, 4, 6, dtype=torch.float64))
+    assert n_bns(fused) == 0 and n_transposed(fused) == 1
+    assert any(n.op == "call_function" and n.target.__name__ == "mul" for n in fused.graph.nodes)
+    reasons = refusals_naming(fused, "up")
+    assert len(reasons) == 1 and "the output of up is also read by" in reasons[0], fused.report.refusals
+
+
 def test_output_read_twice_stays_and_is_named():
     torch.manual_seed(6)
     fused = fuse64(ReadTwice(), torch.randn(2, 4, 5, 5, dtype=torch.float64))
