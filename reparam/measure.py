@@ -137,6 +137,8 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
     from .passes.cleanup import RESTORED_IN_PLACE
     from .passes.functionalize import values_updated_in_place
     from .passes.ops import Classifier, member_name
+    from .passes.linear_forms import is_metadata_read
+    from .passes.transposed import is_transposed_conv
     from .trace import Constants, is_shape_query
 
     report = report if report is not None else getattr(fused, "report", None)
@@ -194,6 +196,10 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
             missing.append(f"{member_name(node)} -> {', '.join(member_name(u) for u in readers)}")
             continue
         before = linear_input(node)
+        if before is None and per_channel(node):  # a map a transposed conv could absorb (passes/transposed.py)
+            x = classify(node).inputs[0] if classify(node) is not None else None
+            before = x if is_transposed_conv(fused, x) and sum(not is_metadata_read(u, x) for u in x.users) == 1 \
+                else None
         if before is None:
             continue
         if not (names(node) | names(before)) & named:

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
 from .passes.distribute import distribute_linear_maps
+from .passes.transposed import fold_maps_into_transposed_convs
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
@@ -345,9 +346,11 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     kept = functionalize(gm, is_shape_query)
     consts = fold_constants(gm)
     kept += distribute_linear_maps(gm, consts)  # maps across cat/split, stack sums (its refusals too)
+    transposed_regions: list = []  # BatchNorms after a ConvTranspose folded into it (its refusals too)
+    kept += fold_maps_into_transposed_convs(gm, consts, transposed_regions)
     forms = LinearFormPass(gm, consts).run()
     device = _device_of(module, inputs)
-    report.regions = _prefixed(lower_forms(gm, forms, dtype_of, device), prefix)
+    report.regions = _prefixed(transposed_regions + lower_forms(gm, forms, dtype_of, device), prefix)
     deduplicate_metadata_checks(gm, is_metadata_read)
     drop_implied_rank_checks(gm)
     drop_reshape_round_trips(gm)
