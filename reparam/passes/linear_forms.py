@@ -174,6 +174,15 @@ def _narrowed(t: torch.Tensor) -> torch.Tensor:
     return narrow if torch.equal(narrow.double(), t) else t
 
 
+def widened_op(op: AffineConv) -> AffineConv:
+    """`op` with float64 weights. The classifier gives convolutions and Linear layers with the
+    layer's own weights (`ops.Classifier(stored_weights=True)`): a layer whose form is lowered as it
+    is never needs a float64 copy, so the copy is made here, where the algebra computes with it."""
+    if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
+        return op
+    return replace(op, weight=op.weight.double(), bias=op.bias.double())
+
+
 class _FormStore(dict):
     """Forms by node. A form's float64 weights are stored in float32 when that is exact (most
     forms are single operations of a float32 model, not yet combined) and read back in float64:
@@ -245,7 +254,7 @@ class LinearFormPass:
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants, cost: affine.CostModel = affine.DEFAULT_COST):
         self.gm = gm
         self.cost = cost
-        self._classifier = Classifier(gm, consts)
+        self._classifier = Classifier(gm, consts, stored_weights=True)
         self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.forms: dict[torch.fx.Node, Form] = _FormStore()
         self.absorbed: set[torch.fx.Node] = set()
@@ -615,7 +624,7 @@ class LinearFormPass:
                 reason = affine.compose_refusal(inner, form.op)
                 if reason:
                     return None, reason, False
-                return replace(form, op=affine.compose(inner, form.op)), "", False
+                return replace(form, op=affine.compose(widened_op(inner), form.op)), "", False
             moved = self._move_after_before(form)
             if moved is None:
                 return None, "a layout change between the two operators cannot be moved before the first", False
@@ -637,7 +646,7 @@ class LinearFormPass:
                 return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)", True
         elif fused_macs > parts_macs:
             return None, f"not cheaper: one {fused.describe()} would need {figures}", True
-        return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), "", False
+        return replace(form, op=affine.compose(widened_op(op), form.op), op_axis=axis, op_ndim=len(shape)), "", False
 
     def _move_after_before(self, form: Form) -> Form | None:
         """Apply `op` after the layout steps instead of before them (pointwise ops only)."""
