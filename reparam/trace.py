@@ -12,6 +12,7 @@ import functools
 import inspect
 import linecache
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,21 @@ class _Proxy(torch.fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
+class _ModuleStack(OrderedDict):
+    """The tracer's stack of module calls. torch.fx stores a copy of it in every node's meta
+    (`nn_module_stack`) with `copy.copy`, whose generic path for an OrderedDict is a large share
+    of tracing: the same copy, made directly."""
+
+    def __copy__(self):
+        return OrderedDict(self)
+
+
+# Arguments recorded as they are: torch.fx's `Tracer.create_arg` looks for parameters, buffers,
+# modules, named tuples, constants and opaque objects before it returns these unchanged.
+_ATOMIC_ARGS = frozenset({str, int, float, bool, complex, type(None), type(...), torch.dtype, torch.device,
+                          torch.memory_format, torch.layout})
+
+
 class _FallbackTracer(torch.fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
@@ -56,6 +72,7 @@ class _FallbackTracer(torch.fx.Tracer):
         super().__init__()
         self.failed_leaves: dict[str, str] = {}
         self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
+        self.module_stack = _ModuleStack(self.module_stack)
 
     # torch.fx finds the name of a parameter or buffer read in `forward` by scanning every named
     # parameter of the model, on each access: quadratic in the model's size. One table instead.
@@ -82,7 +99,16 @@ class _FallbackTracer(torch.fx.Tracer):
         return attr_val
 
     def create_arg(self, a):
-        if isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy):
+        # The most common arguments first, with what torch.fx would return for them.
+        if isinstance(a, torch.fx.Proxy):
+            return a.node
+        if type(a) in _ATOMIC_ARGS:
+            return a
+        if type(a) is tuple:
+            return tuple(self.create_arg(v) for v in a)
+        if type(a) is list:
+            return [self.create_arg(v) for v in a]
+        if isinstance(a, torch.Tensor):
             name = self._name_of(a)
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
