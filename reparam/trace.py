@@ -7,6 +7,7 @@ traceable.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import inspect
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
+from torch.fx import traceback as fx_traceback
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
@@ -381,10 +383,27 @@ class _ShapeRecorder(torch.fx.Interpreter):
         self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
 
     def fetch_attr(self, target: str):
-        # Submodules from the table the Interpreter builds anyway: walking the dotted path through
-        # nn.Module.__getattr__ on every call is a large share of running small convolutions.
+        # Submodules (and the modules holding parameters and buffers) from the table the
+        # Interpreter builds anyway: walking the dotted path through nn.Module.__getattr__ on every
+        # call is a large share of running small convolutions.
         module = self.submodules.get(target)
-        return module if module is not None else super().fetch_attr(target)
+        if module is not None:
+            return module
+        owner, _, name = target.rpartition(".")
+        parent = self.submodules.get(owner)
+        if parent is not None:
+            try:
+                return getattr(parent, name)
+            except AttributeError:
+                pass  # torch.fx's own look-up raises the error
+        return super().fetch_attr(target)
+
+    def _set_current_node(self, node: torch.fx.Node):
+        # torch.fx records the node being run for code that preserves node metadata while it
+        # traces; when nothing does, that record is a context manager per node that does nothing.
+        if fx_traceback.has_preserved_node_meta():
+            return super()._set_current_node(node)
+        return _NOTHING_TO_RECORD
 
     def run_node(self, n: torch.fx.Node):
         result = None
@@ -404,6 +423,9 @@ class _ShapeRecorder(torch.fx.Interpreter):
             n.meta.pop("tensor_meta", None)
             n.meta.pop("reparam_shape", None)
         return result
+
+
+_NOTHING_TO_RECORD = contextlib.nullcontext()
 
 
 def _meta(t: torch.Tensor) -> TensorMetadata:
