@@ -261,7 +261,7 @@ class Constants:
         if value is None:
             value = self.stored.get(node)
             if value is not None and value.is_floating_point():
-                value = widened(value)
+                value = _float64(value)
         return value
 
 
@@ -345,7 +345,16 @@ class _Float64Env(dict):
 
     def __missing__(self, node):
         value = self.stored[node]
-        return widened(value) if value.is_floating_point() else value
+        return _float64(value) if value.is_floating_point() else value
+
+
+# Below this many elements a float64 copy is made without remembering its float32 original: only
+# large weights are stored back in float32 (see `passes.linear_forms._FormStore`).
+_SMALL = 4096
+
+
+def _float64(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().double() if value.numel() <= _SMALL else widened(value)
 
 
 def _fetch_attr(gm: nn.Module, target: str):
