@@ -23,8 +23,13 @@ time is the compiler's):
 For each N it measures `reparam.fuse(model, x, verify=False)` (median wall time of `--repeats`
 runs) and the graph size before fusion (`fused.report.before.nodes`), and prints:
 
-    blocks | nodes | fuse seconds | microseconds per node | phases (trace, shapes, fold, forms, lower, copy,
-    count; "other" is the rest: GraphModule construction, recompile, report)
+    blocks | nodes | fuse seconds | microseconds per node | phases (trace, shapes, rewrite, fold, forms,
+    lower, checks, copy, count; "other" is the rest: GraphModule construction, recompile, report)
+
+where "rewrite" is the rewrites before the linear-form pass (`fill_borders`, `functionalize`,
+`distribute_linear_maps`), "forms" the linear-form pass (its set-up included) and "checks" the
+clean-up of metadata reads and rank checks after lowering (`deduplicate_metadata_checks`,
+`drop_implied_rank_checks`).
 
 then the ratio of the per-node time at the largest size to the smallest (1.0 = linear) and whether
 the family's target is met (`TARGETS`: RepVGG-like 1,000 nodes in 0.5 s, MobileOne-style 3,000
@@ -187,6 +192,11 @@ PHASES = {  # attribute of reparam.pipeline -> column name
     "counts": "count",
     "count_macs": "count",
     "count_params": "count",
+    "fill_borders": "rewrite",
+    "functionalize": "rewrite",
+    "distribute_linear_maps": "rewrite",
+    "deduplicate_metadata_checks": "checks",
+    "drop_implied_rank_checks": "checks",
 }
 
 
@@ -216,14 +226,16 @@ class PhaseTimer:
                 self._saved[attr] = fn
                 setattr(fuse_module, attr, self._wrap(fn, phase))
         cls = fuse_module.LinearFormPass
-        self._saved_run = cls.run
+        self._saved_run, self._saved_init = cls.run, cls.__init__
         cls.run = self._wrap(cls.run, "forms")
+        cls.__init__ = self._wrap(cls.__init__, "forms")
         return self
 
     def __exit__(self, *exc):
         for attr, fn in self._saved.items():
             setattr(fuse_module, attr, fn)
         fuse_module.LinearFormPass.run = self._saved_run
+        fuse_module.LinearFormPass.__init__ = self._saved_init
 
 
 # -- measurement -------------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def main(argv=None) -> int:
 
     reparam.fuse(make_model(2, args.channels), torch.randn(1, args.channels, 8, 8), verify=False)  # warm-up
 
-    order = ["trace", "shapes", "fold", "forms", "lower", "copy", "count"]
+    order = ["trace", "shapes", "rewrite", "fold", "forms", "lower", "checks", "copy", "count"]
     head = (f"{'blocks':>6} {'nodes':>6} {'after':>5} {'fuse s':>8} {'us/node':>8}  "
             + " ".join(f"{p:>9}" for p in order) + f" {'other':>7}  check")
     print(f"reparam.fuse scaling: {args.family} blocks, {args.channels} channels, input {args.size}x{args.size},"

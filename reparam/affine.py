@@ -444,6 +444,18 @@ def add(ops: list[AffineConv]) -> AffineConv:
     return AffineConv(weight, bias, first.stride, padding, dilation, groups, _padding_mode(ops))
 
 
+def _sum_stub(ops: list[AffineConv]) -> AffineConv:
+    """An operator with the geometry of `add(ops)` and zero weights that hold no memory (expanded
+    scalars), for costing it."""
+    groups = reduce(math.gcd, (op.groups for op in ops))
+    dilation, kernel, padding = _common_geometry(ops)
+    first = ops[0]
+    zero = first.weight.new_zeros(())
+    weight = zero.expand(first.out_channels, first.in_channels // groups, *kernel)
+    return AffineConv(weight, zero.expand(first.out_channels), first.stride, padding, dilation, groups,
+                      _padding_mode(ops))
+
+
 def sum_cost(ops: list[AffineConv]) -> int:
     """Cost of `add(ops)` per output position, from geometry alone."""
     groups = reduce(math.gcd, (op.groups for op in ops))
@@ -674,7 +686,8 @@ EXHAUSTIVE_UP_TO = 7  # geometry classes searched exhaustively; more are merged 
 def partition_sum(ops: list[AffineConv], op_cost, join_cost: float) -> tuple[list[list[int]], float]:
     """The cheapest way to compute `sum(ops)` over one input as a sum of fused operators.
 
-    `op_cost(op)` estimates one operator (see `CostModel.conv`), `join_cost` one add between two
+    `op_cost(op)` estimates one operator (see `CostModel.conv`) from its geometry: a merged
+    candidate is given with zero weights (its sum is not computed); `join_cost` is one add between two
     partial results. Branches of equal geometry always merge; the geometry classes are then
     grouped in every way that is exact (`sum_refusal`), exhaustively up to `EXHAUSTIVE_UP_TO`
     classes and greedily beyond. Returns the blocks (lists of indices into `ops`, in order of first
@@ -692,8 +705,7 @@ def partition_sum(ops: list[AffineConv], op_cost, join_cost: float) -> tuple[lis
             if len(chosen) > 1 and sum_refusal(chosen):
                 cache[members] = math.inf
             else:
-                merged = add(chosen) if len(chosen) > 1 else chosen[0]
-                cache[members] = op_cost(merged)
+                cache[members] = op_cost(_sum_stub(chosen) if len(chosen) > 1 else chosen[0])
         return cache[members]
 
     def total(grouping) -> float:

@@ -7,16 +7,19 @@ traceable.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import inspect
 import linecache
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx import traceback as fx_traceback
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
@@ -49,6 +52,21 @@ class _Proxy(torch.fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
+class _ModuleStack(OrderedDict):
+    """The tracer's stack of module calls. torch.fx stores a copy of it in every node's meta
+    (`nn_module_stack`) with `copy.copy`, whose generic path for an OrderedDict is a large share
+    of tracing: the same copy, made directly."""
+
+    def __copy__(self):
+        return OrderedDict(self)
+
+
+# Arguments recorded as they are: torch.fx's `Tracer.create_arg` looks for parameters, buffers,
+# modules, named tuples, constants and opaque objects before it returns these unchanged.
+_ATOMIC_ARGS = frozenset({str, int, float, bool, complex, type(None), type(...), torch.dtype, torch.device,
+                          torch.memory_format, torch.layout})
+
+
 class _FallbackTracer(torch.fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
@@ -56,6 +74,7 @@ class _FallbackTracer(torch.fx.Tracer):
         super().__init__()
         self.failed_leaves: dict[str, str] = {}
         self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
+        self.module_stack = _ModuleStack(self.module_stack)
 
     # torch.fx finds the name of a parameter or buffer read in `forward` by scanning every named
     # parameter of the model, on each access: quadratic in the model's size. One table instead.
@@ -82,7 +101,16 @@ class _FallbackTracer(torch.fx.Tracer):
         return attr_val
 
     def create_arg(self, a):
-        if isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy):
+        # The most common arguments first, with what torch.fx would return for them.
+        if isinstance(a, torch.fx.Proxy):
+            return a.node
+        if type(a) in _ATOMIC_ARGS:
+            return a
+        if type(a) is tuple:
+            return tuple(self.create_arg(v) for v in a)
+        if type(a) is list:
+            return [self.create_arg(v) for v in a]
+        if isinstance(a, torch.Tensor):
             name = self._name_of(a)
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
@@ -233,7 +261,7 @@ class Constants:
         if value is None:
             value = self.stored.get(node)
             if value is not None and value.is_floating_point():
-                value = widened(value)
+                value = _float64(value)
         return value
 
 
@@ -320,7 +348,16 @@ class _Float64Env(dict):
 
     def __missing__(self, node):
         value = self.stored[node]
-        return widened(value) if value.is_floating_point() else value
+        return _float64(value) if value.is_floating_point() else value
+
+
+# Below this many elements a float64 copy is made without remembering its float32 original: only
+# large weights are stored back in float32 (see `passes.linear_forms._FormStore`).
+_SMALL = 4096
+
+
+def _float64(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().double() if value.numel() <= _SMALL else widened(value)
 
 
 def _fetch_attr(gm: nn.Module, target: str):
@@ -358,10 +395,27 @@ class _ShapeRecorder(torch.fx.Interpreter):
         self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
 
     def fetch_attr(self, target: str):
-        # Submodules from the table the Interpreter builds anyway: walking the dotted path through
-        # nn.Module.__getattr__ on every call is a large share of running small convolutions.
+        # Submodules (and the modules holding parameters and buffers) from the table the
+        # Interpreter builds anyway: walking the dotted path through nn.Module.__getattr__ on every
+        # call is a large share of running small convolutions.
         module = self.submodules.get(target)
-        return module if module is not None else super().fetch_attr(target)
+        if module is not None:
+            return module
+        owner, _, name = target.rpartition(".")
+        parent = self.submodules.get(owner)
+        if parent is not None:
+            try:
+                return getattr(parent, name)
+            except AttributeError:
+                pass  # torch.fx's own look-up raises the error
+        return super().fetch_attr(target)
+
+    def _set_current_node(self, node: torch.fx.Node):
+        # torch.fx records the node being run for code that preserves node metadata while it
+        # traces; when nothing does, that record is a context manager per node that does nothing.
+        if fx_traceback.has_preserved_node_meta():
+            return super()._set_current_node(node)
+        return _NOTHING_TO_RECORD
 
     def run_node(self, n: torch.fx.Node):
         result = None
@@ -381,6 +435,9 @@ class _ShapeRecorder(torch.fx.Interpreter):
             n.meta.pop("tensor_meta", None)
             n.meta.pop("reparam_shape", None)
         return result
+
+
+_NOTHING_TO_RECORD = contextlib.nullcontext()
 
 
 def _meta(t: torch.Tensor) -> TensorMetadata:

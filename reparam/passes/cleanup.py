@@ -28,10 +28,20 @@ def is_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
 def remove_dead_nodes(gm: torch.fx.GraphModule) -> None:
     """Erase unused nodes, last first; in-place updates and impure calls stay."""
+    modules = None  # by name, for the module calls found dead (a look-up by dotted path is slow)
     for node in reversed(list(gm.graph.nodes)):
         if node.users or node.op in ("placeholder", "output"):
             continue
-        if node.op != "get_attr" and (node.is_impure() or is_in_place(gm, node)):
+        if node.op == "call_module":
+            if modules is None:
+                modules = dict(gm.named_modules())
+            module = modules.get(node.target)
+            if module is None:
+                module = gm.get_submodule(node.target)
+            # What `Node.is_impure` and `is_in_place` say of a module call.
+            if getattr(module, "_is_impure", False) or (node.args and getattr(module, "inplace", False) is True):
+                continue
+        elif node.op != "get_attr" and (node.is_impure() or is_in_place(gm, node)):
             continue
         gm.graph.erase_node(node)
 

@@ -101,7 +101,10 @@ def functionalize(gm: torch.fx.GraphModule, is_metadata_read) -> list[KeptInPlac
 def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read, ignored=frozenset()) -> set[torch.fx.Node]:
     """Every node whose value may share memory with a value some node updates in place (updates
     by the nodes in `ignored` left out)."""
-    aliases = _Aliases(gm, is_metadata_read)
+    modules = dict(gm.named_modules())
+    if not any(node not in ignored and updates_in_place(gm, node, modules) for node in gm.graph.nodes):
+        return set()  # the common case once `functionalize` has run: no classes of memory to find
+    aliases = _Aliases(gm, is_metadata_read, modules)
     updated = set()
     for node in gm.graph.nodes:
         aliases.add(node)
@@ -113,10 +116,10 @@ def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read, ignored=
 class _Aliases:
     """Union-find over nodes: one class per block of memory values may share."""
 
-    def __init__(self, gm: torch.fx.GraphModule, is_metadata_read):
+    def __init__(self, gm: torch.fx.GraphModule, is_metadata_read, modules: dict | None = None):
         self.gm = gm
         self.is_metadata_read = is_metadata_read
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules()) if modules is None else modules
         self._in_place: dict[torch.fx.Node, bool] = {}
         self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
         self.members: dict[torch.fx.Node, list[torch.fx.Node]] = {}

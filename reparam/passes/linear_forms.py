@@ -34,7 +34,7 @@ This module decides; `lower.py` rewrites the graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -44,6 +44,17 @@ from ..affine import AffineConv
 from ..trace import Constants, dtype_of, is_shape_query, shape_of
 from .commute import visit_average, visit_pad_border
 from .ops import Classifier, LinearOp
+
+
+def replace(obj, **changes):
+    """`dataclasses.replace` for the frozen dataclasses this pass copies thousands of times (forms,
+    operators, terms: none has `__post_init__` or fields outside `__init__`), without running
+    `__init__`: a copy of the instance's fields with `changes` applied."""
+    new = object.__new__(type(obj))
+    fields = new.__dict__
+    fields.update(obj.__dict__)
+    fields.update(changes)
+    return new
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,22 @@ def _narrowed(t: torch.Tensor) -> torch.Tensor:
     return narrow if torch.equal(narrow.double(), t) else t
 
 
+SMALL_OP = 4096  # weights and bias elements up to which an operator is kept in float64 throughout
+
+
+def is_small(op: AffineConv) -> bool:
+    return op.weight.numel() + op.bias.numel() <= SMALL_OP
+
+
+def widened_op(op: AffineConv) -> AffineConv:
+    """`op` with float64 weights. The classifier gives convolutions and Linear layers with the
+    layer's own weights (`ops.Classifier(stored_weights=True)`): a layer whose form is lowered as it
+    is never needs a float64 copy, so the copy is made here, where the algebra computes with it."""
+    if op.weight.dtype == torch.float64 and op.bias.dtype == torch.float64:
+        return op
+    return replace(op, weight=op.weight.double(), bias=op.bias.double())
+
+
 class _FormStore(dict):
     """Forms by node. A form's float64 weights are stored in float32 when that is exact (most
     forms are single operations of a float32 model, not yet combined) and read back in float64:
@@ -184,7 +211,10 @@ class _FormStore(dict):
     unchanged under another node: the float64 copies of the last few forms stored or read are kept
     (`_RECENT`), so that reading them again, or storing their weights again, converts nothing.
     `stored(node)` gives the form as stored, for readers that do not need float64 (lowering casts
-    anyway)."""
+    anyway).
+
+    Small operators (`SMALL_OP` elements or fewer: norms, scales, small depthwise kernels) are stored
+    in float64 as they are: converting them back and forth would cost more than the memory saved."""
 
     _RECENT = 4
 
@@ -200,6 +230,11 @@ class _FormStore(dict):
 
     def __setitem__(self, node, form: Form) -> None:
         op = form.op
+        if is_small(op):
+            if op.weight.dtype != torch.float64 or op.bias.dtype != torch.float64:
+                form = replace(form, op=widened_op(op))
+            super().__setitem__(node, form)
+            return
         weight, bias = self._narrow(op.weight, 0), self._narrow(op.bias, 1)
         if weight is not op.weight or bias is not op.bias:
             stored = replace(form, op=replace(op, weight=weight, bias=bias))
@@ -245,7 +280,7 @@ class LinearFormPass:
     def __init__(self, gm: torch.fx.GraphModule, consts: Constants, cost: affine.CostModel = affine.DEFAULT_COST):
         self.gm = gm
         self.cost = cost
-        self._classifier = Classifier(gm, consts)
+        self._classifier = Classifier(gm, consts, stored_weights=True)
         self._rules: dict[torch.fx.Node, LinearOp | None] = {}
         self.forms: dict[torch.fx.Node, Form] = _FormStore()
         self.absorbed: set[torch.fx.Node] = set()
@@ -319,7 +354,8 @@ class LinearFormPass:
         form = dict.get(self.forms, node)
         dtype = dtype_of(node)
         if (form is None or dtype is None or not dtype.is_floating_point or dtype == torch.float64
-                or node in self.alternative_sources or any(u in self.absorbed for u in node.users)):
+                or is_small(form.op) or node in self.alternative_sources
+                or any(u in self.absorbed for u in node.users)):
             return
         op = form.op  # as stored: float64, or float32 where that is exact (the same values)
         weight, bias = op.weight.to(dtype), op.bias.to(dtype)
@@ -615,7 +651,7 @@ class LinearFormPass:
                 reason = affine.compose_refusal(inner, form.op)
                 if reason:
                     return None, reason, False
-                return replace(form, op=affine.compose(inner, form.op)), "", False
+                return replace(form, op=affine.compose(widened_op(inner), form.op)), "", False
             moved = self._move_after_before(form)
             if moved is None:
                 return None, "a layout change between the two operators cannot be moved before the first", False
@@ -630,14 +666,16 @@ class LinearFormPass:
         fused_cost = self.op_cost(fused, form.source, shape, axis)
         fused_macs = fused.cost * npos
         parts, parts_macs = form.parts_cost + own_cost, form.parts_macs + own_macs
-        figures = (f"{_ns(fused_cost)} and {fused_macs:,} MACs against {_ns(parts)} and {parts_macs:,} MACs "
-                   "for the parts")
+        def figures() -> str:  # formatted only for a refusal
+            return (f"{_ns(fused_cost)} and {fused_macs:,} MACs against {_ns(parts)} and {parts_macs:,} MACs "
+                    "for the parts")
+
         if _memory_bound([op, form.op]):
             if fused_cost > parts:
-                return None, f"not cheaper: one {fused.describe()} would take {figures} (estimated latency)", True
+                return None, f"not cheaper: one {fused.describe()} would take {figures()} (estimated latency)", True
         elif fused_macs > parts_macs:
-            return None, f"not cheaper: one {fused.describe()} would need {figures}", True
-        return replace(form, op=affine.compose(op, form.op), op_axis=axis, op_ndim=len(shape)), "", False
+            return None, f"not cheaper: one {fused.describe()} would need {figures()}", True
+        return replace(form, op=affine.compose(widened_op(op), form.op), op_axis=axis, op_ndim=len(shape)), "", False
 
     def _move_after_before(self, form: Form) -> Form | None:
         """Apply `op` after the layout steps instead of before them (pointwise ops only)."""

@@ -89,7 +89,8 @@ class _Lowering:
         self.regions: list[FusedRegion] = []
         self.counter = 0
         self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # original node -> the value standing for it
-        self.owned = {t.data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
+        self.owned = {t.data_ptr() for m in gm.modules() for store in (m._parameters, m._buffers)
+                      for t in store.values() if t is not None and t.numel()}
 
     def current(self, n: torch.fx.Node) -> torch.fx.Node:
         return self.replaced.get(n, n)

@@ -158,9 +158,13 @@ def _tensor_input(node) -> bool:
 class Classifier:
     """Maps nodes to `LinearOp`s, reading constants from the folded-constant table."""
 
-    def __init__(self, gm: torch.fx.GraphModule, consts: Constants):
+    def __init__(self, gm: torch.fx.GraphModule, consts: Constants, *, stored_weights: bool = False):
         self.gm = gm
         self.consts = consts
+        # The weights of convolution and Linear modules as the module stores them (float32, say)
+        # instead of float64 copies: for a reader that widens them itself where it computes with
+        # them (the linear-form pass), so that a layer never combined with another is never copied.
+        self.stored_weights = stored_weights
         # Updates that stay in place (see passes.functionalize), the values they update, and
         # everything sharing memory with those: replacing any of them by another value, or
         # reading them in another order, could change what some reader sees.
@@ -207,7 +211,7 @@ class Classifier:
         name = str(node.target)
         if isinstance(m, _CONV_MODULES):
             return self._conv(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups,
-                              m.padding_mode, name)
+                              m.padding_mode, name, stored=self.stored_weights)
         if isinstance(m, _BN_MODULES):
             if m.training or m.running_mean is None or m.running_var is None:
                 return LinearOp("refused", [x], reason=(
@@ -216,7 +220,9 @@ class Classifier:
             op = affine.batch_norm(m.running_mean, m.running_var, m.weight, m.bias, m.eps, nd=0)
             return LinearOp("affine", [x], op=op, axis=1, member=name)
         if isinstance(m, nn.Linear):
-            return LinearOp("affine", [x], op=affine.from_linear(m.weight, m.bias), axis=-1, member=name)
+            op = (_as_stored(m.weight, m.bias, (), (), (), 1, "zeros") if self.stored_weights
+                  else affine.from_linear(m.weight, m.bias))
+            return LinearOp("affine", [x], op=op, axis=-1, member=name)
         if type(m) in _POOL_MODULES:
             return self._pool(x, _POOL_MODULES[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
                               m.count_include_pad, getattr(m, "divisor_override", None), name)
@@ -356,8 +362,13 @@ class Classifier:
         return self._div(node, x, node.args[1])
 
     # -- shared builders ---------------------------------------------------------------------
-    def _conv(self, x, weight, bias, stride, padding, dilation, groups, padding_mode, name) -> LinearOp:
-        weight = affine._f64(weight)
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups, padding_mode, name,
+              stored: bool = False) -> LinearOp:
+        """`stored`: keep a floating-point `weight` and `bias` in their own dtype (see `_as_stored`)."""
+        stored = stored and isinstance(weight, torch.Tensor) and weight.is_floating_point() and (
+            bias is None or isinstance(bias, torch.Tensor) and bias.is_floating_point())
+        if not stored:
+            weight = affine._f64(weight)
         nd = weight.dim() - 2
         k = weight.shape[2:]
         dilation = affine._tuple(dilation, nd)
@@ -369,7 +380,11 @@ class Classifier:
                     return LinearOp("refused", [x], reason="padding='same' with an even kernel pads one side "
                                                              "more than the other", member=name)
                 padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k))
-        op = affine.from_conv(weight, bias, stride, padding, dilation, groups, padding_mode)
+        if stored:
+            op = _as_stored(weight, bias, affine._tuple(stride, nd), affine._tuple(padding, nd), dilation,
+                            int(groups), padding_mode)
+        else:
+            op = affine.from_conv(weight, bias, stride, padding, dilation, groups, padding_mode)
         return LinearOp("affine", [x], op=op, axis=1, member=name)
 
     def _pad(self, x, pad, mode, value, name) -> LinearOp | None:
@@ -482,6 +497,15 @@ class Classifier:
         if c is None or not bool((c != 0).all()):
             return None
         return LinearOp("scale", [a], scale=1.0 / c, member=member_name(node))
+
+
+def _as_stored(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups: int,
+               padding_mode: str) -> affine.AffineConv:
+    """An operator holding a layer's own floating-point weight and bias (not float64 copies): the
+    same values, exactly. Whoever computes with it widens them first (`linear_forms.widened_op`)."""
+    weight = weight.detach()
+    b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None else bias.detach()
+    return affine.AffineConv(weight, b, stride, padding, dilation, groups, padding_mode)
 
 
 def _is_float(node: torch.fx.Node) -> bool:
