@@ -128,12 +128,22 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
     feeds another one directly (through identities and layout steps only, as its only consumer)
     could have been combined with it; so could one that feeds it through an average that keeps
     constants (global average pooling, `mean` over spatial axes), which a pointwise map moves
-    through (passes/commute.py). Such a pair is accounted for when a refusal of the report
-    (`fused.report` unless given) names one of the two, or one of the operations a fused region in
-    the pair replaced. A per-channel map read by several operations, one of them linear, must be
-    named as well (it could fold into each of its readers). Returns "A -> B" for each pair that is
-    not; an empty list means every linear operation left is either alone or explained.
+    through (passes/commute.py). Concatenations and channel splits are looked through as well: a
+    per-channel map after `torch.cat` of linear outputs acts on each of them (each "input -> map"
+    is a pair), and a per-channel map on a piece of `chunk`/`split`/`y[:, a:b]` of a linear output
+    could move before the split (passes/distribute.py). Such a pair is accounted for when a refusal
+    of the report (`fused.report` unless given) names one of the two, or one of the operations a
+    fused module in the pair replaced. A per-channel map read by several operations, one of them
+    linear, must be named as well (it could fold into each of its readers). Returns "A -> B" for
+    each pair that is not; an empty list means every linear operation left is either alone or
+    explained.
+
+    Reads of metadata (`x.shape`, `x.size(1)`, `torch._assert(x.ndim == 4)`) are not consumers,
+    and values that do not depend on the model's inputs (positional encodings computed from
+    `arange`, shape arithmetic) are not operations on data: neither is counted.
     """
+    from .passes.distribute import _split_pieces
+    from .passes.linear_forms import is_metadata_read
     from .passes.ops import Classifier, member_name
     from .trace import Constants
 
@@ -143,55 +153,113 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
                         for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
     classify = Classifier(fused, consts)
     named: set[str] = set()
-    regions = {}
+    regions: dict[str, set[str]] = {}
     if report is not None:
         for r in report.refusals:
             named.update(part.strip() for part in r.where.split(","))
         regions = {r.name: set(r.members) for r in report.regions}
+    on_data = _computed_from_inputs(fused)
+    rules: dict = {}
+
+    def rule_of(node):
+        if node not in rules:
+            rules[node] = classify(node) if isinstance(node, torch.fx.Node) and node in on_data else None
+        return rules[node]
 
     def kind(node):
+        if not isinstance(node, torch.fx.Node) or node not in on_data:
+            return None
         if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
             return "affine"
-        rule = classify(node) if isinstance(node, torch.fx.Node) else None
+        rule = rule_of(node)
         return rule.kind if rule is not None else None
+
+    def is_linear(node) -> bool:
+        return kind(node) in ("affine", "scale", "shift")
 
     def names(node) -> set[str]:
         name = member_name(node)
-        return {name} | regions.get(name, set())
+        # A module the lowering created stands for the operations it replaced: the report's
+        # region, or (one operation rewritten alone) the members recorded on its node.
+        return {name} | regions.get(name, set()) | set(node.meta.get("reparam_members", ()))
 
-    def linear_input(node):
-        """The linear op feeding `node` through identities, layout steps and averages, if it feeds only that."""
-        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-        while x is not None and len(x.users) == 1:
-            k = kind(x)
-            if k in ("identity", "layout", "average"):
-                x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else None
-                continue
-            return x if k in ("affine", "scale", "shift") else None
+    def readers(node) -> list:
+        return [u for u in node.users if not is_metadata_read(u, node)]
+
+    def first_input(node):
+        return node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+
+    def piece_of(node):
+        """The value `node` is a channel piece of (`chunk`/`split` then getitem, or a slice)."""
+        if node.op != "call_function" or node.target is not operator.getitem or not node.args:
+            return None
+        parent = node.args[0]
+        if not isinstance(parent, torch.fx.Node):
+            return None
+        if shape_of(parent) is not None and _split_pieces(node, parent) is not None:
+            return parent  # `y[:, a:b]`
+        y = first_input(parent)
+        if y is not None and shape_of(y) is not None and _split_pieces(parent, y) is not None:
+            return y  # `y.chunk(2, 1)[k]`, `torch.split(y, sizes, 1)[k]`
         return None
+
+    def linear_inputs(node) -> list:
+        """The linear ops feeding `node` through identities, layout steps and averages (each
+        feeding only that), and, for a per-channel map, through a concatenation or a split."""
+        found = []
+        todo = [first_input(node)]
+        while todo:
+            x = todo.pop()
+            while x is not None and len(readers(x)) == 1:
+                k = kind(x)
+                if k in ("identity", "layout", "average"):
+                    x = first_input(x)
+                    continue
+                if k in ("affine", "scale", "shift"):
+                    found.append(x)
+                elif k == "concat" and per_channel(node):
+                    todo.extend(v for v in rule_of(x).inputs if isinstance(v, torch.fx.Node))
+                elif per_channel(node) and piece_of(x) is not None:
+                    y = piece_of(x)  # the pieces of `y` are all that is read of it
+                    if is_linear(y) and all(_split_pieces(r, y) is not None for r in readers(y)):
+                        found.append(y)
+                break
+        return found
 
     def per_channel(node) -> bool:
         if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
             return True
-        rule = classify(node)
+        rule = rule_of(node)
         return rule is not None and (rule.kind in ("scale", "shift")
                                      or rule.kind == "affine" and rule.op.is_per_channel)
 
     missing = []
     for node in fused.graph.nodes:
-        if kind(node) not in ("affine", "scale", "shift"):
+        if not is_linear(node):
             continue
-        readers = [u for u in node.users if kind(u) in ("affine", "scale", "shift")]
-        if len(node.users) > 1 and readers and per_channel(node) and not names(node) & named:
+        users = readers(node)
+        linear_users = [u for u in users if is_linear(u)]
+        if len(users) > 1 and linear_users and per_channel(node) and not names(node) & named:
             # A per-channel map read by several operations could fold into each linear one.
-            missing.append(f"{member_name(node)} -> {', '.join(member_name(u) for u in readers)}")
+            missing.append(f"{member_name(node)} -> {', '.join(member_name(u) for u in linear_users)}")
             continue
-        before = linear_input(node)
-        if before is None:
-            continue
-        if not (names(node) | names(before)) & named:
-            missing.append(f"{member_name(before)} -> {member_name(node)}")
+        for before in linear_inputs(node):
+            if not (names(node) | names(before)) & named:
+                missing.append(f"{member_name(before)} -> {member_name(node)}")
     return missing
+
+
+def _computed_from_inputs(gm: torch.fx.GraphModule) -> set:
+    """Nodes whose value depends on the numbers of a graph input (metadata reads do not count)."""
+    from .passes.linear_forms import is_metadata_read
+
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            found.add(node)
+        elif any(x in found and not is_metadata_read(node, x) for x in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _fetch(gm, target: str):
