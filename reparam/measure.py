@@ -230,11 +230,49 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
         if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):
             return True
         rule = rule_of(node)
-        return rule is not None and (rule.kind in ("scale", "shift")
-                                     or rule.kind == "affine" and rule.op.is_per_channel)
+        if rule is None:
+            return False
+        if rule.kind in ("scale", "shift"):  # constants that vary along one axis at most
+            ndim = len(shape_of(node))
+            return len({ndim - c.dim() + i for c in (rule.scale, rule.shift) if c is not None
+                        for i, n in enumerate(c.shape) if n != 1}) <= 1
+        return rule.kind == "affine" and rule.op.is_per_channel
+
+    def terms(node) -> list:
+        """The operands of a sum, nested sums read only by it expanded."""
+        out = []
+        for x in rule_of(node).inputs:
+            if kind(x) == "sum" and len(readers(x)) == 1:
+                out.extend(terms(x))
+            else:
+                out.append(x)
+        return out
+
+    def branch(x):
+        """(source, linear ops on the way) of one operand: back through linear ops, layout steps
+        and identities that only this operand reads."""
+        ops = []
+        while isinstance(x, torch.fx.Node) and kind(x) in ("affine", "scale", "shift", "identity", "layout") \
+                and len(readers(x)) == 1:
+            if is_linear(x):
+                ops.append(x)
+            x = first_input(x)
+        return x, ops
 
     missing = []
     for node in fused.graph.nodes:
+        if kind(node) == "sum" and not any(kind(u) == "sum" and len(readers(node)) == 1 for u in readers(node)):
+            # A sum whose operands are linear maps of one value could be one operation.
+            by_source: dict = {}
+            for t in terms(node):
+                source, ops = branch(t)
+                by_source.setdefault(source, []).append(ops)
+            for source, branches in by_source.items():
+                ops = [op for b in branches for op in b]
+                if len(branches) > 1 and ops and source is not None and not any(
+                        names(op) & named for op in ops) and member_name(node) not in named:
+                    missing.append(" + ".join(member_name(b[0]) if b else source.name for b in branches))
+            continue
         if not is_linear(node):
             continue
         users = readers(node)

@@ -256,3 +256,15 @@ def test_fused_away_structures_leave_nothing_to_account_for():
         assert n_bns(fused) == bns
     fused = reparam.fuse(FourierPosition(8).double().eval(), x.new_zeros(1, 8, 6, 6).normal_())
     assert n_bns(fused) == 0 and n_convs(fused) == 2  # dw conv+BN fused; the projection of the code kept
+
+
+def test_the_helper_finds_a_sum_left_unexplained():
+    """Two branches over one value kept as two convolutions: without its refusal, a silent miss."""
+    torch.manual_seed(2)
+    model = AsymmetricPair(8).double().eval()
+    x = torch.randn(1, 8, 16, 16, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert unaccounted_linear_ops(fused) == []
+    fused.report.refusals.clear()
+    missing = unaccounted_linear_ops(fused)
+    assert len(missing) == 1 and " + " in missing[0], missing
