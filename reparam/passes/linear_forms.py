@@ -826,7 +826,9 @@ class LinearFormPass:
                 reader = self._single_user(reader)
             if reader not in ends:
                 return form  # `source` is read elsewhere too
-        if self._carrier_problem(source, node) is not None:
+        problem = self._carrier_problem(source, node)
+        if problem is not None:
+            self.refuse(", ".join(inner.members + form.members), f"kept apart: {problem}")
             return form
         shape = shape_of(node)
         own_cost = self.op_cost(form.op, source, shape, form.axis)
