@@ -121,7 +121,7 @@ def counts(gm: torch.fx.GraphModule) -> Counts:
 # Accounting: no linear operation is left beside another without a word in the report
 # --------------------------------------------------------------------------------------------
 
-def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str]:
+def unaccounted_linear_ops(fused: nn.Module, report=None) -> list[str]:
     """Pairs of adjacent linear operations in `fused` that the report does not explain.
 
     A linear operation (conv, norm, linear, channel affine, layer scale, average pooling...) that
@@ -140,24 +140,43 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
 
     Reads of metadata (`x.shape`, `x.size(1)`, `torch._assert(x.ndim == 4)`) are not consumers,
     and values that do not depend on the model's inputs (positional encodings computed from
-    `arange`, shape arithmetic) are not operations on data: neither is counted.
+    `arange`, shape arithmetic) are not operations on data: neither is counted. A sum whose
+    operands are linear maps of one value, kept as several operations, is listed as "A + B"
+    unless the report names one of them. `fused` may also be a model whose own `forward` could
+    not be traced: the graphs of its submodules, fused separately, are checked.
     """
-    from .passes.distribute import _split_pieces
-    from .passes.linear_forms import is_metadata_read
-    from .passes.ops import Classifier, member_name
-    from .trace import Constants
-
     report = report if report is not None else getattr(fused, "report", None)
-    consts = Constants({n: (v.detach().double() if v.is_floating_point() else v.detach())
-                        for n in fused.graph.nodes if n.op == "get_attr"
-                        for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
-    classify = Classifier(fused, consts)
     named: set[str] = set()
     regions: dict[str, set[str]] = {}
     if report is not None:
         for r in report.refusals:
             named.update(part.strip() for part in r.where.split(","))
         regions = {r.name: set(r.members) for r in report.regions}
+    # The model's own graph, and those of submodules fused separately (an untraceable model or
+    # leaf, whose children were fused one by one): the report names their operations by path.
+    missing = []
+    for path, gm in fused.named_modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            missing += _unaccounted_in(gm, named, regions, f"{path}." if path else "")
+    return missing
+
+
+def _unaccounted_in(fused: torch.fx.GraphModule, named: set[str], regions: dict[str, set[str]],
+                    prefix: str) -> list[str]:
+    """`unaccounted_linear_ops` for one graph, whose operations the report names after `prefix`."""
+    from .passes.distribute import _split_pieces
+    from .passes.linear_forms import is_metadata_read
+    from .passes.ops import Classifier
+    from .passes.ops import member_name as own_name
+    from .trace import Constants
+
+    def member_name(node) -> str:
+        return prefix + own_name(node)
+
+    consts = Constants({n: (v.detach().double() if v.is_floating_point() else v.detach())
+                        for n in fused.graph.nodes if n.op == "get_attr"
+                        for v in [_fetch(fused, n.target)] if isinstance(v, torch.Tensor)})
+    classify = Classifier(fused, consts)
     on_data = _computed_from_inputs(fused)
     rules: dict = {}
 
@@ -181,7 +200,7 @@ def unaccounted_linear_ops(fused: torch.fx.GraphModule, report=None) -> list[str
         name = member_name(node)
         # A module the lowering created stands for the operations it replaced: the report's
         # region, or (one operation rewritten alone) the members recorded on its node.
-        return {name} | regions.get(name, set()) | set(node.meta.get("reparam_members", ()))
+        return {name} | regions.get(name, set()) | {prefix + m for m in node.meta.get("reparam_members", ())}
 
     def readers(node) -> list:
         return [u for u in node.users if not is_metadata_read(u, node)]

@@ -268,3 +268,38 @@ def test_the_helper_finds_a_sum_left_unexplained():
     fused.report.refusals.clear()
     missing = unaccounted_linear_ops(fused)
     assert len(missing) == 1 and " + " in missing[0], missing
+
+
+class _Refused(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.pre, self.bn, self.conv = conv_bn(c, c, 1), rbn(c), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(self.bn(torch.tanh(self.pre(x)))))
+
+
+class UntraceableTop(nn.Module):
+    """Python control flow on a tensor value in the model's own forward: its children are fused
+    one by one, and their graphs are accounted for under their paths."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = _Refused(c), nn.Sequential(conv_bn(c, c, 3), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.b(self.a(x))
+        return self.a(x)
+
+
+def test_an_untraceable_model_is_accounted_for_inside_its_children():
+    torch.manual_seed(3)
+    model = UntraceableTop(4).double().eval()
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64).abs()
+    fused = reparam.fuse(model, x)
+    assert not isinstance(fused, torch.fx.GraphModule)
+    assert unaccounted_linear_ops(fused) == []
+    fused.report.refusals.clear()
+    assert unaccounted_linear_ops(fused) == ["a.bn -> a.conv"]
+    assert_same(model, fused, x)
