@@ -290,7 +290,7 @@ def _unaccounted_in(fused: torch.fx.GraphModule, named: set[str], regions: dict[
                 ops = [op for b in branches for op in b]
                 if len(branches) > 1 and ops and source is not None and not any(
                         names(op) & named for op in ops) and member_name(node) not in named:
-                    missing.append(" + ".join(member_name(b[0]) if b else source.name for b in branches))
+                    missing.append(" + ".join(member_name(b[0]) if b else prefix + source.name for b in branches))
             continue
         if not is_linear(node):
             continue
