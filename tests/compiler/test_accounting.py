@@ -303,3 +303,31 @@ def test_an_untraceable_model_is_accounted_for_inside_its_children():
     fused.report.refusals.clear()
     assert unaccounted_linear_ops(fused) == ["a.bn -> a.conv"]
     assert_same(model, fused, x)
+
+
+class StridedThenBranches(nn.Module):
+    """GhostNetV3-style: a strided depthwise conv whose output feeds two 1x1 branches that merge
+    into one conv, its shape also read further on: it stays apart, and the report says why."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = conv_bn(c, c, 3, stride=2, groups=c)
+        self.a, self.b = conv_bn(c, c // 2, 1), conv_bn(c, c // 2, 1)
+
+    def forward(self, x):
+        y = self.dw(x)
+        out = F.relu(self.a(y) + self.b(y))
+        return out.reshape(y.shape[0], -1)
+
+
+def test_a_value_read_by_merged_branches_and_by_a_shape_read_is_explained():
+    torch.manual_seed(0)
+    model = StridedThenBranches(8).double().eval()
+    x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert n_convs(fused) == 2 and n_bns(fused) == 0  # dw + BN, and the two branches as one 1x1
+    assert unaccounted_linear_ops(fused) == []
+    assert any("reads its shape" in r.reason for r in fused.report.refusals)
+    fused.report.refusals.clear()
+    assert len(unaccounted_linear_ops(fused)) == 1
+    assert_same(model, fused, x)
