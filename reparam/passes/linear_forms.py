@@ -548,6 +548,10 @@ class LinearFormPass:
         if node.op == "call_method" and node.target == "contiguous" and (not owned or form.after):
             # `contiguous()` copies a strided view (a transpose) into a dense tensor, which a `view`
             # after it may need: it is an identity only on the fresh output of a fused operator.
+            if owned and self._reaches_linear(node):
+                self.refuse(", ".join(form.members + (rule.member,)),
+                            "kept apart: contiguous() after layout steps copies their strided result, and "
+                            "the linear operation after it is not moved across the copy")
             return None
         if owned:
             self.absorb(x, node)
@@ -715,6 +719,15 @@ class LinearFormPass:
             return None
         return self._settle_sum(node, terms, members)
 
+    def _reaches_linear(self, node) -> bool:
+        """Does `node` feed a linear operation through identities and layout steps only?"""
+        for _ in range(PER_CHANNEL_LOOKAHEAD):
+            node = self._single_user(node)
+            rule = self.classify(node) if node is not None else None
+            if rule is None or rule.kind not in ("identity", "layout"):
+                return rule is not None and rule.kind in ("affine", "scale", "shift")
+        return False
+
     def _single_user(self, node):
         users = self._real_users(node)
         return users[0] if len(users) == 1 else None
@@ -851,7 +864,9 @@ class LinearFormPass:
                 reader = self._single_user(reader)
             if reader not in ends:
                 return form  # `source` is read elsewhere too
-        if self._carrier_problem(source, node) is not None:
+        problem = self._carrier_problem(source, node)
+        if problem is not None:
+            self.refuse(", ".join(inner.members + form.members), f"kept apart: {problem}")
             return form
         shape = shape_of(node)
         own_cost = self.op_cost(form.op, source, shape, form.axis)
@@ -924,9 +939,17 @@ class LinearFormPass:
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:
         x = rule.inputs[0]
         if not self.absorbable(x, node):
+            if x in self.forms and len(self._real_users(x)) == 1 and self._reaches_linear(node):
+                problem = self._carrier_problem(x, node)  # say why, when a linear op waits beyond
+                if problem:
+                    self.refuse(", ".join(self.forms[x].members + (rule.member,)), f"kept apart: {problem}")
             return None
         form = self.forms[x]
         if not form.op.is_pointwise:
+            if self._reaches_linear(node):
+                self.refuse(", ".join(form.members + (rule.member,)),
+                            f"kept apart: {form.op.describe()} is not pointwise, so it cannot move across "
+                            "the layout change to the linear operation after it")
             return None
         refs = form.shape_refs
         if rule.shape_of is not None:
@@ -938,6 +961,9 @@ class LinearFormPass:
             refs = refs + ((node, rule.shape_of),)
         new_axis = channel_axis_after(node, rule.layout, shape_of(x), form.axis)
         if new_axis is None:
+            if self._reaches_linear(node):
+                self.refuse(", ".join(form.members + (rule.member,)),
+                            "kept apart: the layout change splits or merges the channel axis")
             return None
         self.absorb(x, node)
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))

@@ -112,6 +112,7 @@ class _Lowering:
                     param.data = param.data.clone()
             self.gm.add_submodule(name, module)
             value = graph.call_module(name, (value,))
+            value.meta["reparam_members"] = tuple(dict.fromkeys(form.members))  # for the report's checks
             op_out = form.after[0].node.args[0] if form.after else node
             _copy_meta(value, op_out)
             if form.after:

@@ -92,3 +92,29 @@ def test_timm_family_fuses_at_least_as_far_as_timm(name):
     with torch.no_grad():
         ref, out = part(x), fused(x)
     assert float((ref - out).abs().max()) <= 1e-9 * float(ref.abs().max())
+
+
+# Blocks of other timm families whose fused graphs once left linear operations unexplained.
+BLOCKS = [
+    # Grid attention: proj -> grid reverse (view, permute, contiguous, view) -> layer scale.
+    ("maxxvitv2_nano_rw_256", lambda m: m.stages[0].blocks[0].attn_grid, (1, 16, 16, 96), "contiguous()"),
+    # Fourier positional encoding: arithmetic on `arange`, not on the input.
+    ("edgenext_xx_small", lambda m: m.stages[1].blocks[1], (1, 48, 8, 8), None),
+]
+
+
+@pytest.mark.parametrize("name,part,shape,refusal", BLOCKS, ids=[b[0] for b in BLOCKS])
+def test_timm_blocks_leave_nothing_unexplained(name, part, shape, refusal):
+    timm = _timm()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    _randomize(model)
+    block = part(model).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    fused = reparam.fuse(block, x)
+    assert unaccounted_linear_ops(fused) == []
+    if refusal is not None:
+        assert any(refusal in r.reason for r in fused.report.refusals)
+    with torch.no_grad():
+        ref, out = block(x), fused(x)
+    assert float((ref - out).abs().max()) <= 1e-9 * float(ref.abs().max())
