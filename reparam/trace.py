@@ -20,6 +20,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
+from .concrete import ExampleValues, describe, guard_message
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -52,9 +53,11 @@ class _Proxy(torch.fx.Proxy):
 class _FallbackTracer(torch.fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
-    def __init__(self):
+    def __init__(self, example_inputs: tuple | None = None):
         super().__init__()
         self.failed_leaves: dict[str, str] = {}
+        self.example_inputs = example_inputs
+        self._examples: ExampleValues | None = None
         self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
 
     # torch.fx finds the name of a parameter or buffer read in `forward` by scanning every named
@@ -102,15 +105,37 @@ class _FallbackTracer(torch.fx.Tracer):
         caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
         fails_when = _assertion_outcome(caller.f_code, caller.f_lasti) if caller is not None else None
         if fails_when is None:
-            return super().to_bool(obj)
+            decided = self._decide_on_metadata(obj, caller)
+            return super().to_bool(obj) if decided is None else decided
         where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
         condition = obj if fails_when is False else self.create_proxy("call_function", operator.not_, (obj,), {})
         self.create_proxy("call_function", torch._assert, (condition, f"{source} failed ({where})"), {})
         return not fails_when
 
+    def _decide_on_metadata(self, obj: torch.fx.Proxy, caller) -> bool | None:
+        """A branch on metadata only (`if x.numel() == 0:`) takes the way the example input does,
+        and the graph records a guard that fails for an input taking the other way (see `concrete`).
+        None: the condition reads values, or there is no example input to decide it."""
+        if self.example_inputs is None or caller is None:
+            return None
+        if self._examples is None:
+            self._examples = ExampleValues(self.root, self.graph, self.example_inputs)
+        decided = self._examples.decide(obj.node)
+        if decided is None:
+            return None
+        where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+        source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
+        message = guard_message(source, where, describe(obj.node), decided)
+        truth = obj if isinstance(self._examples.value(obj.node), bool) else \
+            self.create_proxy("call_function", operator.truth, (obj,), {})
+        condition = self.create_proxy("call_function", operator.eq, (truth, decided), {})
+        self.create_proxy("call_function", torch._assert, (condition, message), {})
+        return decided
+
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
+        self._examples = None
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -128,6 +153,8 @@ class _FallbackTracer(torch.fx.Tracer):
         except Exception as exc:  # roll back what the failed call added, then keep it whole
             for node in reversed(_nodes_after(self.graph, last)):
                 self.graph.erase_node(node)
+            if self._examples is not None:  # values computed by the removed nodes may be stale
+                self._examples.forget()
             if stack is not None:
                 self.module_stack.clear()
                 self.module_stack.update(stack)
@@ -185,9 +212,12 @@ except ImportError:  # pragma: no cover - older or newer torch without it
     _WorkingGraphModule = torch.fx.GraphModule
 
 
-def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
-    """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
-    tracer = _FallbackTracer()
+def trace(model: nn.Module, example_inputs: tuple | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}.
+
+    `example_inputs`: the positional inputs of `model.forward`; Python branches on their metadata
+    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard."""
+    tracer = _FallbackTracer(example_inputs)
     name = type(model).__name__
     try:
         graph = tracer.trace(model)
@@ -415,7 +445,8 @@ def dtype_of(node) -> torch.dtype | None:
     return meta.dtype if meta is not None else None
 
 
-SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse",
+                 "is_quantized", "is_meta"}
 
 
 def is_shape_query(user: torch.fx.Node) -> bool:
