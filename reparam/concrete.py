@@ -13,10 +13,16 @@ is not decided: the module stays an untraceable leaf, as before.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
 import torch.fx
+
+try:  # while tracing, torch.fx patches Module.__call__ and __getattr__ to record; this undoes it
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _untraced
+except ImportError:  # pragma: no cover - a torch without it: values come back as proxies, undecided
+    _untraced = contextlib.nullcontext
 
 # Attributes and methods of a tensor that give its metadata, never its numbers. Not
 # `is_contiguous()`: fusion may change how an intermediate value is laid out in memory.
@@ -100,7 +106,7 @@ class ExampleValues:
     def value(self, target: torch.fx.Node):
         if target in self.values:
             return self.values[target]
-        with torch.no_grad():
+        with torch.no_grad(), _untraced():
             for node in self.graph.nodes:
                 if node not in self.values:
                     self.values[node] = self._run(node)
@@ -139,12 +145,13 @@ class ExampleValues:
         if sources is None:
             return None
         try:
-            if not all(isinstance(self.value(s), torch.Tensor) for s in sources):
+            if not all(isinstance(self.value(s), torch.Tensor) and not isinstance(self.value(s), torch.fx.Proxy)
+                       for s in sources):
                 return None
             value = self.value(condition)
         except Exception:  # noqa: BLE001 - undecidable: the module stays an untraceable leaf
             return None
-        if not isinstance(value, _DECIDABLE):
+        if not isinstance(value, _DECIDABLE) or isinstance(value, torch.fx.Proxy):
             return None
         return bool(value)
 
@@ -153,8 +160,8 @@ def describe(node, depth: int = 0) -> str:
     """`x.numel() == 0` for the node computing it (names of tensors are those of their nodes)."""
     if not isinstance(node, torch.fx.Node):
         return repr(node)
-    if depth > 6 or node.op not in ("call_function", "call_method"):
-        return node.name
+    if depth > 6 or node.op not in ("call_function", "call_method") or metadata_sources(node) is None:
+        return node.name  # a tensor: its name
     args = node.args
     if node.op == "call_method" and args:
         rest = ", ".join(describe(a, depth + 1) for a in args[1:])
@@ -172,10 +179,14 @@ def describe(node, depth: int = 0) -> str:
 
 
 def guard_message(source: str, where: str, expression: str, value: bool) -> str:
-    return (f"reparam traced this model for inputs where `{expression}` is {value} (in `{source}`, "
-            f"{where}), as in the example input given to reparam.fuse; this input makes it {not value}, "
-            f"a branch the fused model does not contain. Fuse the model again with an example input "
-            f"like this one.")
+    message = (f"reparam traced this model for inputs where `{expression}` is {value} (in `{source}`, "
+               f"{where}), as in the example input given to reparam.fuse; this input makes it {not value}, "
+               f"a branch the fused model does not contain. Fuse the model again with an example input "
+               f"like this one.")
+    if "requires_grad" in expression:
+        message += (" reparam.fuse runs the model without gradients: call the fused model under "
+                    "torch.no_grad() or torch.inference_mode() to take the same branch.")
+    return message
 
 
 __all__ = ["ExampleValues", "metadata_sources", "describe", "guard_message", "TENSOR_METADATA_ATTRS",
