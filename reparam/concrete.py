@@ -156,6 +156,89 @@ class ExampleValues:
         return bool(value)
 
 
+_NO_VALUE = object()
+
+
+def _plain_operand(frame, inst):
+    """The value a load instruction pushes, when reading it cannot run code or touch a traced value."""
+    if inst.opname == "LOAD_CONST":
+        return inst.argval
+    if inst.opname in ("LOAD_FAST", "LOAD_DEREF"):
+        return frame.f_locals.get(inst.argval, _NO_VALUE)
+    if inst.opname == "LOAD_GLOBAL":
+        if inst.argval in frame.f_globals:
+            return frame.f_globals[inst.argval]
+        builtins = frame.f_builtins
+        return builtins.get(inst.argval, _NO_VALUE)
+    return _NO_VALUE
+
+
+def outcome_matters(frame, instructions, index: int, decided: bool) -> bool:
+    """Would the other outcome of the conditional jump `instructions[index]` send execution elsewhere?
+
+    `if x.numel() == 0 and self.training:` in eval mode: the first operand is False on the example
+    input, and were it True, the second (a plain attribute, False) would jump to the same place.
+    Such an operand needs no guard. Only the simplest second operand is followed (a local, global or
+    constant, then instance attributes, then the jump); anything else is assumed to matter."""
+    jump = instructions[index]
+    if_true = jump.opname.endswith("IF_TRUE")
+    by_offset = {inst.offset: i for i, inst in enumerate(instructions)}
+
+    def destination(i: int, taken: bool) -> int | None:
+        if taken:
+            return jump_target(i)
+        return instructions[i + 1].offset if i + 1 < len(instructions) else None
+
+    def jump_target(i: int) -> int | None:
+        return instructions[i].argval if instructions[i].argval in by_offset else None
+
+    here = destination(index, decided == if_true)
+    start = by_offset.get(destination(index, decided != if_true))
+    if here is None or start is None:
+        return True
+    def skip(i: int) -> int:  # prefixes of the next instruction (a jump far away)
+        while i < len(instructions) and instructions[i].opname in ("EXTENDED_ARG", "NOP", "CACHE"):
+            i += 1
+        return i
+
+    start = skip(start)
+    if start >= len(instructions):
+        return True
+    value = _plain_operand(frame, instructions[start])
+    i = skip(start + 1)
+    while value is not _NO_VALUE and i < len(instructions) and instructions[i].opname == "LOAD_ATTR":
+        if isinstance(value, (torch.Tensor, torch.fx.Proxy)):
+            return True
+        value = vars(value).get(instructions[i].argval, _NO_VALUE) if hasattr(value, "__dict__") else _NO_VALUE
+        i = skip(i + 1)
+    if value is _NO_VALUE or not isinstance(value, (bool, int, type(None))) or i >= len(instructions):
+        return True
+    then = instructions[i]
+    if not then.opname.startswith("POP_JUMP") or "NONE" in then.opname or not (
+            then.opname.endswith("IF_TRUE") or then.opname.endswith("IF_FALSE")):
+        return True
+    return destination(i, bool(value) == then.opname.endswith("IF_TRUE")) != here
+
+
+def reads_requires_grad(node: torch.fx.Node) -> bool:
+    """Does the condition computed by `node` read some value's `requires_grad`?"""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is getattr and n.args[1:] == ("requires_grad",):
+            return True
+        if n.op in ("call_function", "call_method") and metadata_sources(n) is not None:
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+GRAD_MODE_MESSAGE = ("reparam.fuse runs the model without gradients, and the model branches on `requires_grad`: "
+                     "call the fused model under torch.no_grad() or torch.inference_mode() to take the same branch.")
+
+
 def describe(node, depth: int = 0) -> str:
     """`x.numel() == 0` for the node computing it (names of tensors are those of their nodes)."""
     if not isinstance(node, torch.fx.Node):
@@ -184,10 +267,9 @@ def guard_message(source: str, where: str, expression: str, value: bool) -> str:
                f"a branch the fused model does not contain. Fuse the model again with an example input "
                f"like this one.")
     if "requires_grad" in expression:
-        message += (" reparam.fuse runs the model without gradients: call the fused model under "
-                    "torch.no_grad() or torch.inference_mode() to take the same branch.")
+        message += " " + GRAD_MODE_MESSAGE
     return message
 
 
-__all__ = ["ExampleValues", "metadata_sources", "describe", "guard_message", "TENSOR_METADATA_ATTRS",
+__all__ = ["ExampleValues", "outcome_matters", "reads_requires_grad", "GRAD_MODE_MESSAGE", "metadata_sources", "describe", "guard_message", "TENSOR_METADATA_ATTRS",
            "TENSOR_METADATA_METHODS"]

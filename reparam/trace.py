@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
-from .concrete import ExampleValues, describe, guard_message
+from .concrete import GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters, reads_requires_grad
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -58,6 +58,7 @@ class _FallbackTracer(torch.fx.Tracer):
         self.failed_leaves: dict[str, str] = {}
         self.example_inputs = example_inputs
         self._examples: ExampleValues | None = None
+        self._grad_mode_checked = False
         self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
 
     # torch.fx finds the name of a parameter or buffer read in `forward` by scanning every named
@@ -124,6 +125,18 @@ class _FallbackTracer(torch.fx.Tracer):
         decided = self._examples.decide(obj.node)
         if decided is None:
             return None
+        jump = _conditional_jump(caller.f_code, caller.f_lasti)
+        if jump is not None and not outcome_matters(caller, _instructions(caller.f_code)[1], jump, decided):
+            return decided  # either way leads to the same code: nothing to guard
+        if reads_requires_grad(obj.node) and not self._grad_mode_checked:
+            self._grad_mode_checked = True
+            # Decided without gradients; with them, every value computed from parameters needs
+            # gradients, but the fused graph may read `requires_grad` of an earlier value instead
+            # (metadata reads of a fused value move to one of the same shape): check the mode.
+            grad_mode = self.create_proxy("call_function", torch.is_grad_enabled, (), {})
+            self.create_proxy("call_function", torch._assert,
+                              (self.create_proxy("call_function", operator.not_, (grad_mode,), {}),
+                               GRAD_MODE_MESSAGE), {})
         where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
         message = guard_message(source, where, describe(obj.node), decided)
@@ -136,6 +149,7 @@ class _FallbackTracer(torch.fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
         self._examples = None
+        self._grad_mode_checked = False
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -155,6 +169,7 @@ class _FallbackTracer(torch.fx.Tracer):
                 self.graph.erase_node(node)
             if self._examples is not None:  # values computed by the removed nodes may be stale
                 self._examples.forget()
+            self._grad_mode_checked = False  # the check may have been among the removed nodes
             if stack is not None:
                 self.module_stack.clear()
                 self.module_stack.update(stack)
@@ -169,6 +184,17 @@ class _FallbackTracer(torch.fx.Tracer):
 def _instructions(code) -> tuple[dict[int, int], tuple[dis.Instruction, ...]]:
     insts = tuple(dis.get_instructions(code))
     return {inst.offset: i for i, inst in enumerate(insts)}, insts
+
+
+def _conditional_jump(code, offset: int) -> int | None:
+    """The index of the conditional jump that the truth test at `offset` of `code` decides."""
+    index, insts = _instructions(code)
+    i = index.get(offset)
+    if i is not None and insts[i].opname == "TO_BOOL":  # Python 3.13: the truth test comes before the jump
+        i += 1
+    if i is None or i >= len(insts) or "JUMP" not in insts[i].opname or "NONE" in insts[i].opname:
+        return None
+    return i if insts[i].opname.endswith(("IF_TRUE", "IF_FALSE")) else None
 
 
 def _assertion_outcome(code, offset: int) -> bool | None:

@@ -111,10 +111,12 @@ def test_guard_fails_for_an_input_taking_the_other_branch():
     model = Bottleneck(8, 8, 4).double().eval()
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
     fused = reparam.fuse(model, x)
-    with pytest.raises(AssertionError, match=r"`\(x\.numel\(\) == 0\)` is False.*if x\.numel\(\) == 0 and self\.training"):
-        fused(x[:0])  # an empty batch
-    with pytest.raises(AssertionError, match=r"requires_grad` is False.*`if x\.requires_grad:`"):
-        fused(x.clone().requires_grad_())  # the norms would compute by hand
+    # `x.numel() == 0 and self.training` is False in eval mode whatever the batch: no guard.
+    assert "numel" not in fused.code
+    with torch.no_grad():  # an empty batch
+        torch.testing.assert_close(fused(x[:0]), model(x[:0]))
+    with torch.no_grad():  # an input needing gradients: the norms still see values that need none
+        torch.testing.assert_close(fused(x.clone().requires_grad_()), model(x))
     # Outside no_grad the fused weights make every value need gradients, as the original's would.
     with pytest.raises(AssertionError, match=r"call the fused model under torch\.no_grad\(\)"):
         fused(x)
@@ -130,6 +132,37 @@ def test_example_input_requiring_grad_traces_the_other_branch():
     # branch is that of inference and the norm is folded.
     assert n_convs(fused) == 1 and not frozen_norms(fused) and batch_norm_calls(fused) == 0
     assert_same(model, fused, x)
+
+
+def test_requires_grad_guard_on_a_graph_input():
+    model = nn.Sequential(FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1)).double().eval()
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert n_convs(fused) == 1 and not frozen_norms(fused) and batch_norm_calls(fused) == 0
+    assert_same(model, fused, x)
+    with torch.no_grad(), pytest.raises(AssertionError, match=r"`input_1\.requires_grad` is False.*`if x\.requires_grad:`"):
+        fused(x.clone().requires_grad_())  # the norm would compute by hand
+
+
+class EmptyBatch(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = Conv2d(c, c, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(c))
+
+    def forward(self, x):
+        if x.numel() == 0:
+            return x.new_zeros(x.shape)
+        return self.conv(x)
+
+
+def test_empty_batch_guard_names_the_line():
+    model = EmptyBatch(4).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert n_convs(fused) == 1 and not frozen_norms(fused) and not fused.report.leaves
+    assert_same(model, fused, x)
+    with torch.no_grad(), pytest.raises(AssertionError, match=r"`\(x\.numel\(\) == 0\)` is False .*`if x\.numel\(\) == 0:`"):
+        fused(x[:0])
 
 
 class ByValue(nn.Module):
