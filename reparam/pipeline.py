@@ -332,7 +332,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
 
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
-    gm, failed = trace(module)
+    gm, failed = trace(module, inputs)
     try:
         _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)
     except Exception as exc:

@@ -23,6 +23,7 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
+from .concrete import GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters, reads_requires_grad
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -70,9 +71,12 @@ _ATOMIC_ARGS = frozenset({str, int, float, bool, complex, type(None), type(...),
 class _FallbackTracer(torch.fx.Tracer):
     """A tracer that turns untraceable submodules into leaves instead of failing."""
 
-    def __init__(self):
+    def __init__(self, example_inputs: tuple | None = None):
         super().__init__()
         self.failed_leaves: dict[str, str] = {}
+        self.example_inputs = example_inputs
+        self._examples: ExampleValues | None = None
+        self._grad_mode_checked = False
         self._tensor_names: dict[int, tuple[str, torch.Tensor]] | None = None
         self.module_stack = _ModuleStack(self.module_stack)
 
@@ -130,15 +134,50 @@ class _FallbackTracer(torch.fx.Tracer):
         caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
         fails_when = _assertion_outcome(caller.f_code, caller.f_lasti) if caller is not None else None
         if fails_when is None:
-            return super().to_bool(obj)
+            decided = self._decide_on_metadata(obj, caller)
+            return super().to_bool(obj) if decided is None else decided
         where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
         source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
         condition = obj if fails_when is False else self.create_proxy("call_function", operator.not_, (obj,), {})
         self.create_proxy("call_function", torch._assert, (condition, f"{source} failed ({where})"), {})
         return not fails_when
 
+    def _decide_on_metadata(self, obj: torch.fx.Proxy, caller) -> bool | None:
+        """A branch on metadata only (`if x.numel() == 0:`) takes the way the example input does,
+        and the graph records a guard that fails for an input taking the other way (see `concrete`).
+        None: the condition reads values, or there is no example input to decide it."""
+        if self.example_inputs is None or caller is None:
+            return None
+        if self._examples is None:
+            self._examples = ExampleValues(self.root, self.graph, self.example_inputs)
+        decided = self._examples.decide(obj.node)
+        if decided is None:
+            return None
+        jump = _conditional_jump(caller.f_code, caller.f_lasti)
+        if jump is not None and not outcome_matters(caller, _instructions(caller.f_code)[1], jump, decided):
+            return decided  # either way leads to the same code: nothing to guard
+        if reads_requires_grad(obj.node) and not self._grad_mode_checked:
+            self._grad_mode_checked = True
+            # Decided without gradients; with them, every value computed from parameters needs
+            # gradients, but the fused graph may read `requires_grad` of an earlier value instead
+            # (metadata reads of a fused value move to one of the same shape): check the mode.
+            grad_mode = self.create_proxy("call_function", torch.is_grad_enabled, (), {})
+            self.create_proxy("call_function", torch._assert,
+                              (self.create_proxy("call_function", operator.not_, (grad_mode,), {}),
+                               GRAD_MODE_MESSAGE), {})
+        where = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+        source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip()
+        message = guard_message(source, where, describe(obj.node), decided)
+        truth = obj if isinstance(self._examples.value(obj.node), bool) else \
+            self.create_proxy("call_function", operator.truth, (obj,), {})
+        condition = self.create_proxy("call_function", operator.eq, (truth, decided), {})
+        self.create_proxy("call_function", torch._assert, (condition, message), {})
+        return decided
+
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
+        self._examples = None
+        self._grad_mode_checked = False
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -156,6 +195,9 @@ class _FallbackTracer(torch.fx.Tracer):
         except Exception as exc:  # roll back what the failed call added, then keep it whole
             for node in reversed(_nodes_after(self.graph, last)):
                 self.graph.erase_node(node)
+            if self._examples is not None:  # values computed by the removed nodes may be stale
+                self._examples.forget()
+            self._grad_mode_checked = False  # the check may have been among the removed nodes
             if stack is not None:
                 self.module_stack.clear()
                 self.module_stack.update(stack)
@@ -170,6 +212,17 @@ class _FallbackTracer(torch.fx.Tracer):
 def _instructions(code) -> tuple[dict[int, int], tuple[dis.Instruction, ...]]:
     insts = tuple(dis.get_instructions(code))
     return {inst.offset: i for i, inst in enumerate(insts)}, insts
+
+
+def _conditional_jump(code, offset: int) -> int | None:
+    """The index of the conditional jump that the truth test at `offset` of `code` decides."""
+    index, insts = _instructions(code)
+    i = index.get(offset)
+    if i is not None and insts[i].opname == "TO_BOOL":  # Python 3.13: the truth test comes before the jump
+        i += 1
+    if i is None or i >= len(insts) or "JUMP" not in insts[i].opname or "NONE" in insts[i].opname:
+        return None
+    return i if insts[i].opname.endswith(("IF_TRUE", "IF_FALSE")) else None
 
 
 def _assertion_outcome(code, offset: int) -> bool | None:
@@ -213,9 +266,12 @@ except ImportError:  # pragma: no cover - older or newer torch without it
     _WorkingGraphModule = torch.fx.GraphModule
 
 
-def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, str]]:
-    """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}."""
-    tracer = _FallbackTracer()
+def trace(model: nn.Module, example_inputs: tuple | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}.
+
+    `example_inputs`: the positional inputs of `model.forward`; Python branches on their metadata
+    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard."""
+    tracer = _FallbackTracer(example_inputs)
     name = type(model).__name__
     try:
         graph = tracer.trace(model)
@@ -475,7 +531,8 @@ def dtype_of(node) -> torch.dtype | None:
     return meta.dtype if meta is not None else None
 
 
-SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+SHAPE_QUERIES = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse",
+                 "is_quantized", "is_meta"}
 
 
 def is_shape_query(user: torch.fx.Node) -> bool:

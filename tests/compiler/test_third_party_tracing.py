@@ -233,14 +233,17 @@ def test_assert_spellings_decide_the_right_way():
     assert outcomes == [False, True, False, False, None, False, None]
 
 
-def test_assert_that_does_not_decide_alone_keeps_the_fallback():
+def test_assert_that_does_not_decide_alone_is_decided_from_the_example_input():
+    # `x.dim() == 4 or ...` alone does not decide the assertion, but it reads only metadata: the
+    # trace takes the way the example input does, under a guard (see test_metadata_branches.py).
     model = OrAssert(RepBlock(4)).double().eval()
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     fused = reparam.fuse(model, x)
-    assert isinstance(fused, OrAssert)
-    assert fused.report.leaves[0].module == "OrAssert (the model itself)"
-    assert [r.name for r in fused.report.regions] == ["block.fused_0"]
+    assert isinstance(fused, torch.fx.GraphModule) and not fused.report.leaves
+    assert [r.name for r in fused.report.regions] == ["fused_0"]
     assert_same(model, fused, x)
+    with pytest.raises(AssertionError, match="x.dim\\(\\) == 4"):
+        fused(x[0])
 
 
 class SamePadConv(nn.Conv2d):
