@@ -12,7 +12,8 @@ Four rewrites of how third-party code writes linear structures, so that the line
    where `m[c_k]` is the map restricted to the channels of `x_k`.
 
        pattern   a per-channel map (BatchNorm, functional batch_norm, a per-channel scale or shift)
-                 whose input is `torch.cat` along the axis the map's constants vary along
+                 whose input is `torch.cat` along the axis the map's constants vary along, directly
+                 or through identities (Dropout, nn.Identity, `contiguous`), which commute with it
        check     the concatenation has no other reader; every input is produced by a linear
                  operation along that axis (conv, Linear, BatchNorm, scale...) whose only reader is
                  the concatenation, so that each slice of the map folds into it
@@ -26,8 +27,11 @@ Four rewrites of how third-party code writes linear structures, so that the line
 
        split(y)[k] -> m_k(split(y)[k])   ==   split(m(y))[k]   with m = m_1 | m_2 | ... (identity elsewhere)
 
-   Splits are `chunk`, `split` (one size or a list of sizes), functional or as methods, and
-   channel slices `y[:, a:b]`.
+   Splits are `chunk`, `split` (one size or a list of sizes), `tensor_split` (sections or
+   indices), `unbind`, functional or as methods, and channel slices `y[:, a:b]`. `unbind` removes the
+   split axis from its pieces: only maps with scalar constants move (`q, k, v = y.unbind(1); q * s`).
+   A slice along another axis than a map's (a spatial crop) commutes with it and is left to the
+   linear-form pass.
 
        pattern   a value `y` read only by channel splits (metadata reads aside), with per-channel
                  maps along the split axis on some pieces
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -267,11 +272,27 @@ class _Rewriter:
             return
         moved = True
         while moved:  # after a map moves, its reader (a layer scale after a BatchNorm) may be next
-            maps = [m for m in (self.channel_map(u, cat) for u in _real_users(cat)) if m is not None]
-            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0])
+            tail = self._identity_tail(cat)
+            maps = [m for m in (self.channel_map(u, tail) for u in _real_users(tail)) if m is not None]
+            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0], tail)
 
-    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap) -> bool:
-        """Move `m` onto the inputs of `cat`; False (with the reason recorded) when it stays."""
+    def _identity_tail(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The last of the identities (Dropout, nn.Identity, `contiguous`) that read `node`, each
+        the only reader of the one before; `node` itself when there are none. A per-channel map
+        commutes with them: `bn(dropout(cat(...)))` is `dropout(bn(cat(...)))`."""
+        while True:
+            users = _real_users(node)
+            if len(users) != 1 or _mixes_channels(self.gm, users[0]):
+                return node
+            rule = self.classify(users[0])
+            if rule is None or rule.kind != "identity" or rule.inputs[0] is not node:
+                return node
+            node = users[0]
+
+    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap, tail: torch.fx.Node | None = None) -> bool:
+        """Move `m`, which reads `tail` (`cat` or identities after it), onto the inputs of `cat`;
+        False (with the reason recorded) when it stays."""
+        tail = cat if tail is None else tail
         shape = shape_of(cat)
         axis = rule.axis % len(shape)
         inputs = rule.inputs
@@ -283,9 +304,9 @@ class _Rewriter:
             self.refuse(where, f"kept after the concatenation: the map acts along axis {m.axis}, the "
                                f"concatenation is along axis {axis}, so no slice of it belongs to one input")
             return False
-        others = [u for u in _real_users(cat) if u is not m.node]
+        others = [u for u in _real_users(tail) if u is not m.node]
         if others:
-            self.refuse(where, f"kept after the concatenation: {cat.name} is also read by "
+            self.refuse(where, f"kept after the concatenation: {tail.name} is also read by "
                                f"{', '.join(u.name for u in others)}, which needs it without the map")
             return False
         if len(set(inputs)) != len(inputs):
@@ -313,7 +334,7 @@ class _Rewriter:
         else:
             cat.kwargs = {**cat.kwargs, "tensors": tensors}
         self._rules.pop(cat, None)
-        self.erase(m.node, cat)
+        self.erase(m.node, tail)
         return True
 
     # -- 2. maps on the pieces of a split -------------------------------------------------------
@@ -334,6 +355,9 @@ class _Rewriter:
         for node, lo, hi in pieces:
             users = _real_users(node)
             m = next((mm for mm in (self.channel_map(u, node) for u in users) if mm is not None), None)
+            if m is not None and m.axis not in (None, found[0][0]) and node.target is operator.getitem \
+                    and node.args[0] is y:
+                continue  # a slice along another axis than the map's (a crop): the two commute
             if m is not None:
                 mapped.append((node, users, m, lo, hi))
         if not mapped:
@@ -352,6 +376,10 @@ class _Rewriter:
             return None
         moved = []
         for node, users, m, lo, hi in mapped:
+            if node in _DROPS_AXIS and m.axis is not None:
+                self.refuse_map(y, m, f"kept on its piece: unbind removes axis {axis}, and the map acts along "
+                                      "another axis of the piece: before the split it would vary along two axes")
+                continue
             if m.axis not in (None, axis):
                 self.refuse_map(y, m, f"kept on its piece: it acts along axis {m.axis}, the split is along "
                                       f"axis {axis}")
@@ -516,8 +544,9 @@ def _is_split_like(node: torch.fx.Node) -> bool:
     if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
         return False
     if node.op == "call_method":
-        return node.target in ("chunk", "split")
+        return node.target in ("chunk", "split", "tensor_split", "unbind")
     return node.op == "call_function" and (node.target in _CHUNK or node.target in _SPLIT
+                                           or node.target in (torch.tensor_split, torch.unbind)
                                            or (node.target is operator.getitem and len(node.args) == 2))
 
 
@@ -673,27 +702,42 @@ def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] is y:
         found = _channel_slice(node.args[1], shape)
         return None if found is None else (found[0], [(node, found[1], found[2])])
-    is_chunk = (node.op == "call_function" and node.target in _CHUNK) or (node.op == "call_method"
-                                                                          and node.target == "chunk")
-    is_split = (node.op == "call_function" and node.target in _SPLIT) or (node.op == "call_method"
-                                                                          and node.target == "split")
-    if not (is_chunk or is_split) or not node.args or node.args[0] is not y:
+    def called(functions, method) -> bool:
+        return (node.op == "call_function" and node.target in functions) or (
+            node.op == "call_method" and node.target == method)
+
+    is_chunk, is_split = called(_CHUNK, "chunk"), called(_SPLIT, "split")
+    is_tensor_split, is_unbind = called({torch.tensor_split}, "tensor_split"), called({torch.unbind}, "unbind")
+    if not (is_chunk or is_split or is_tensor_split or is_unbind) or not node.args or node.args[0] is not y:
         return None
-    names = ("tensor", "chunks" if is_chunk else "split_size_or_sections", "dim")
+    if is_unbind:
+        names = ("input", "dim")
+    elif is_tensor_split:
+        names = ("input", "indices_or_sections", "dim")
+    else:
+        names = ("tensor", "chunks" if is_chunk else "split_size_or_sections", "dim")
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     if node.op == "call_method" and is_split and "split_size" in bound:
         bound[names[1]] = bound.pop("split_size")
+    if is_tensor_split and ("sections" in bound or "indices" in bound):
+        bound[names[1]] = bound.pop("sections", None) or bound.pop("indices")
     if set(bound) - set(names):
         return None
-    how, dim = bound.get(names[1]), bound.get("dim", 0)
+    how, dim = (1 if is_unbind else bound.get(names[1])), bound.get("dim", 0)
     if not isinstance(dim, int) or not (isinstance(how, int) or (isinstance(how, (list, tuple))
                                                                  and all(isinstance(v, int) for v in how))):
         return None
     dim %= ndim
     probe = torch.empty(shape[dim], device="meta")
     try:
-        sizes = [p.shape[0] for p in (probe.chunk(how) if is_chunk else probe.split(how))]
+        if is_chunk:
+            parts = probe.chunk(how)
+        elif is_tensor_split:
+            parts = probe.tensor_split(how)
+        else:
+            parts = probe.split(how)  # unbind: pieces of one, without the axis (`SplitPieces.drops_axis`)
+        sizes = [p.shape[0] for p in parts]
     except (RuntimeError, ValueError, TypeError):
         return None
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -704,7 +748,14 @@ def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
             return None  # the pieces are read as a whole (a list passed on): not tracked
         k = u.args[1] % len(sizes)
         pieces.append((u, starts[k], starts[k] + sizes[k]))
+    if is_unbind:
+        _DROPS_AXIS.update(p for p, _, _ in pieces)
     return dim, pieces
+
+
+# Pieces of `unbind`: the split axis is gone from them, so only maps with scalar constants (the
+# same along every axis) move before the split, as a map along the split axis.
+_DROPS_AXIS: "weakref.WeakSet[torch.fx.Node]" = weakref.WeakSet()
 
 
 def _channel_slice(key, shape) -> tuple[int, int, int] | None:
