@@ -93,6 +93,14 @@ class AffineConv:
         return self.is_per_channel and bool((self.weight == 1).all()) and not bool(self.bias.any())
 
     @property
+    def is_crop(self) -> bool:
+        """An identity 1x1 with negative padding on some axis and none positive (`crop`)."""
+        return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
+                and any(p < 0 for p in self.padding) and all(p <= 0 for p in self.padding)
+                and self.groups == self.out_channels == self.in_channels
+                and bool((self.weight == 1).all()) and not bool(self.bias.any()))
+
+    @property
     def has_padding(self) -> bool:
         return any(self.padding)
 

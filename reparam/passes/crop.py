@@ -160,8 +160,6 @@ def crop_amounts(node: torch.fx.Node) -> tuple[torch.fx.Node, list[tuple[int, in
     for k, e in enumerate(ends):
         if isinstance(e, str):
             return f"{e} (axis {k + 2})"
-    if not any(a or b for a, b in ends):
-        return None  # a whole view: nothing dropped
     return x, ends
 
 
@@ -185,8 +183,9 @@ def crop_border(x: torch.Tensor, amounts: list[int]) -> torch.Tensor:
 
 
 def classify_crop(node: torch.fx.Node):
-    """(input, `affine.crop` operator) for a symmetric crop; (input, reason) for a crop no padding
-    expresses next to a linear operation; None otherwise."""
+    """(input, `affine.crop` operator) for a symmetric crop; (input, None) for a slice that keeps
+    everything; (input, reason) for a crop no padding expresses next to a linear operation; None
+    otherwise."""
     found = crop_amounts(node)
     if found is None:
         return None
@@ -197,6 +196,8 @@ def classify_crop(node: torch.fx.Node):
     reason = crop_refusal(ends)
     if reason is not None:
         return (x, reason) if _near_linear(node, x) else None
+    if not any(a or b for a, b in ends):
+        return x, None  # the whole tensor (`x[:, :, 0:H]`): an identity
     shape = shape_of(x)
     return x, affine.crop(shape[1], [a for a, _ in ends], len(shape) - 2)
 

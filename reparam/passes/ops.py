@@ -384,6 +384,8 @@ class Classifier:
         if found is None or not _tensor_input(found[0]):
             return None
         x, op = found
+        if op is None:
+            return LinearOp("identity", [x], member=node.name)
         if isinstance(op, str):
             return LinearOp("refused", [x], reason=f"crop kept: {op}", member=node.name)
         return LinearOp("affine", [x], op=op, axis=1, member=node.name)

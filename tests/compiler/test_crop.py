@@ -230,3 +230,57 @@ def test_property_conv_after_a_crop_is_the_conv_with_less_padding(crop, k, strid
     if all(n > 2 * a for n, a in zip(y.shape[2:], crop)):
         assert affine.compose_refusal(after, conv) is None
         torch.testing.assert_close(affine.compose(after, conv).apply(x), after.apply(y), rtol=1e-12, atol=1e-12)
+
+
+class CropBNPoolLinear(nn.Module):
+    """A BatchNorm between a crop and global pooling still folds into the classifier."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(c, c, 3), rbn(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(self.bn(x[:, :, 1:-1, 1:-1]).mean((2, 3)))
+
+
+def test_map_after_a_crop_still_moves_through_pooling_into_the_linear():
+    torch.manual_seed(7)
+    model = CropBNPoolLinear(3).double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert n_bns(fused) == 0 and len(_slices(fused)) == 1
+    assert [r.members for r in fused.report.regions] == [("bn", "mean", "fc")]
+    assert any("crop stays" in r.reason for r in fused.report.refusals)
+    assert_same(model, fused, x)
+    assert unaccounted_linear_ops(fused) == []
+
+
+class CropConvBN(nn.Module):
+    def __init__(self, crop, k, stride, dilation, padding):
+        super().__init__()
+        self.crop = crop
+        self.conv = nn.Conv2d(2, 3, k, stride, padding, dilation, bias=False)
+        self.bn = rbn(3)
+
+    def forward(self, x):
+        a, b = self.crop
+        H, W = x.shape[2:]
+        return self.bn(self.conv(x[:, :, a:H - a, b:W - b]))
+
+
+@given(crop=st.tuples(st.integers(0, 2), st.integers(0, 2)), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 2), st.integers(1, 2)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 1), st.integers(0, 1)), seed=st.integers(0, 2**16))
+def test_property_fused_crop_conv_bn_is_exact_or_refused(crop, k, stride, dilation, padding, seed):
+    torch.manual_seed(seed)
+    model = CropConvBN(crop, k, stride, dilation, padding).double().eval()
+    x = torch.randn(1, 2, 9, 10, dtype=torch.float64)
+    fused = reparam.fuse(model, x, verify=False)
+    assert n_bns(fused) == 0 and n_convs(fused) == 1
+    reads_padding = any(p > 0 and a > 0 for p, a in zip(padding, crop))
+    as_written = [n for n in fused.graph.nodes if n.target is operator.getitem and isinstance(n.args[1], tuple)]
+    assert bool(as_written) == reads_padding  # a whole slice (no crop) is an identity
+    assert any("pads the cropped tensor" in r.reason for r in fused.report.refusals) == reads_padding
+    assert_same(model, fused, torch.randn(1, 2, 8, 11, dtype=torch.float64))  # another size than traced
+    assert unaccounted_linear_ops(fused) == []
