@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -376,7 +375,7 @@ class _Rewriter:
             return None
         moved = []
         for node, users, m, lo, hi in mapped:
-            if node in _DROPS_AXIS and m.axis is not None:
+            if _unbound_piece(node) and m.axis is not None:
                 self.refuse_map(y, m, f"kept on its piece: unbind removes axis {axis}, and the map acts along "
                                       "another axis of the piece: before the split it would vary along two axes")
                 continue
@@ -748,14 +747,16 @@ def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
             return None  # the pieces are read as a whole (a list passed on): not tracked
         k = u.args[1] % len(sizes)
         pieces.append((u, starts[k], starts[k] + sizes[k]))
-    if is_unbind:
-        _DROPS_AXIS.update(p for p, _, _ in pieces)
     return dim, pieces
 
 
-# Pieces of `unbind`: the split axis is gone from them, so only maps with scalar constants (the
-# same along every axis) move before the split, as a map along the split axis.
-_DROPS_AXIS: "weakref.WeakSet[torch.fx.Node]" = weakref.WeakSet()
+def _unbound_piece(piece: torch.fx.Node) -> bool:
+    """Is `piece` a piece of `unbind`? The split axis is gone from it, so only maps with scalar
+    constants (the same along every axis) move before the split, as a map along the split axis."""
+    split = piece.args[0] if piece.args else None
+    return isinstance(split, torch.fx.Node) and (
+        (split.op == "call_function" and split.target is torch.unbind)
+        or (split.op == "call_method" and split.target == "unbind"))
 
 
 def _channel_slice(key, shape) -> tuple[int, int, int] | None:
