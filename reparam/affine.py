@@ -93,6 +93,14 @@ class AffineConv:
         return self.is_per_channel and bool((self.weight == 1).all()) and not bool(self.bias.any())
 
     @property
+    def is_crop(self) -> bool:
+        """An identity 1x1 with negative padding on some axis and none positive (`crop`)."""
+        return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
+                and any(p < 0 for p in self.padding) and all(p <= 0 for p in self.padding)
+                and self.groups == self.out_channels == self.in_channels
+                and bool((self.weight == 1).all()) and not bool(self.bias.any()))
+
+    @property
     def has_padding(self) -> bool:
         return any(self.padding)
 
@@ -130,6 +138,9 @@ class AffineConv:
                 return F.linear(x, w, b)
             return conv(x.unsqueeze(-1), replace(self, weight=self.weight.unsqueeze(-1), stride=(1,),
                                                   padding=(0,), dilation=(1,))).squeeze(-1)
+        if any(p < 0 for p in self.padding):  # a crop: read the kept part only
+            amounts, op = split_crop(self)
+            return op.apply(x[crop_key(amounts)])
         if self.has_padding and self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in (0, 1)]
             x = F.pad(x, pad, mode=self.padding_mode)
@@ -259,6 +270,28 @@ def zero_pad(channels: int, padding, nd: int, device=None) -> AffineConv:
     ones = torch.ones(channels, dtype=torch.float64, device=device)
     op = per_channel(ones, torch.zeros_like(ones), nd)
     return replace(op, padding=_tuple(padding, nd))
+
+
+def crop(channels: int, amounts, nd: int, device=None) -> AffineConv:
+    """`x[..., a:-a, b:-b]`: the same number of positions dropped from both ends of each spatial
+    axis, an identity 1x1 convolution with negative padding `-a, -b`.
+
+    Negative padding means "start `a` positions in and read no padding": a convolution after the
+    crop that reads none of the crop's border itself (padding <= 0 on that axis) is the same
+    convolution with its padding reduced by `a` (`compose`). Lowered as a slice, then a convolution
+    with the padding left (`split_crop`)."""
+    return zero_pad(channels, tuple(-a for a in _tuple(amounts, nd)), nd, device)
+
+
+def split_crop(op: AffineConv) -> tuple[Tuple, AffineConv]:
+    """(`a` per spatial axis, `op'`) with `op(x) == op'(x[..., a:-a, ...])` and no negative padding."""
+    amounts = tuple(max(-p, 0) for p in op.padding)
+    return amounts, replace(op, padding=tuple(max(p, 0) for p in op.padding))
+
+
+def crop_key(amounts: Tuple) -> tuple:
+    """The index `x[key]` of a crop by `amounts` on the spatial axes of an [N, C, *spatial] tensor."""
+    return (slice(None), slice(None)) + tuple(slice(a, -a) if a else slice(None) for a in amounts)
 
 
 def avg_pool(channels: int, kernel_size, stride, padding, nd: int, divisor=None, device=None) -> AffineConv:
@@ -473,9 +506,14 @@ def compose_refusal(after: AffineConv, before: AffineConv) -> str | None:
         return f"channel counts do not chain ({before.out_channels} -> {after.in_channels})"
     if after.nd != before.nd:
         return "operators have different numbers of spatial dimensions"
-    if after.has_padding:
+    for axis in range(min(after.nd, before.nd)):
+        if after.padding[axis] > 0 and before.padding[axis] < 0:
+            return (f"the convolution pads the cropped tensor on axis {axis}: its border would read zeros where "
+                    "the uncropped input has values")
+    if any(p > 0 for p in after.padding):
         # A 1x1 stride-1 map without bias sends zeros to zeros, so zero padding commutes with it,
-        # whatever padding it has itself (a zero `F.pad` is such a map).
+        # whatever padding it has itself (a zero `F.pad` is such a map). (A negative padding, a
+        # crop, reads no padding at all.)
         one_by_one = all(k == 1 for k in before.kernel_size) and all(s == 1 for s in before.stride)
         if not one_by_one:
             return ("the second convolution pads its input, and the first is not pointwise: "

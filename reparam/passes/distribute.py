@@ -1,6 +1,7 @@
-"""Per-channel maps moved across concatenations and channel splits; sums written with `stack`.
+"""Per-channel maps moved across concatenations, channel splits and channel shuffles; sums written
+with `stack`.
 
-Three rewrites of how third-party code writes linear structures, so that the linear-form pass
+Four rewrites of how third-party code writes linear structures, so that the linear-form pass
 (`linear_forms.py`) sees maps next to the operations that can absorb them. Each is exact.
 
 1. A per-channel map after a concatenation along its channel axis acts on each input separately
@@ -11,7 +12,8 @@ Three rewrites of how third-party code writes linear structures, so that the lin
    where `m[c_k]` is the map restricted to the channels of `x_k`.
 
        pattern   a per-channel map (BatchNorm, functional batch_norm, a per-channel scale or shift)
-                 whose input is `torch.cat` along the axis the map's constants vary along
+                 whose input is `torch.cat` along the axis the map's constants vary along, directly
+                 or through identities (Dropout, nn.Identity, `contiguous`), which commute with it
        check     the concatenation has no other reader; every input is produced by a linear
                  operation along that axis (conv, Linear, BatchNorm, scale...) whose only reader is
                  the concatenation, so that each slice of the map folds into it
@@ -25,8 +27,11 @@ Three rewrites of how third-party code writes linear structures, so that the lin
 
        split(y)[k] -> m_k(split(y)[k])   ==   split(m(y))[k]   with m = m_1 | m_2 | ... (identity elsewhere)
 
-   Splits are `chunk`, `split` (one size or a list of sizes), functional or as methods, and
-   channel slices `y[:, a:b]`.
+   Splits are `chunk`, `split` (one size or a list of sizes), `tensor_split` (sections or
+   indices), `unbind`, functional or as methods, and channel slices `y[:, a:b]`. `unbind` removes the
+   split axis from its pieces: only maps with scalar constants move (`q, k, v = y.unbind(1); q * s`).
+   A slice along another axis than a map's (a spatial crop) commutes with it and is left to the
+   linear-form pass.
 
        pattern   a value `y` read only by channel splits (metadata reads aside), with per-channel
                  maps along the split axis on some pieces
@@ -41,12 +46,29 @@ Three rewrites of how third-party code writes linear structures, so that the lin
        check     `keepdim` is False, no `dtype` is asked for, the stack has no other reader
        rewrite   `((x_1 + x_2) + ...)` (then `/ n` for a mean); the linear-form pass groups the branches
 
+4. A per-channel map after a channel permutation (ShuffleNet's channel shuffle, written as
+   `x.view(b, g, c // g, h, w).transpose(1, 2).contiguous().view(b, c, h, w)`, with `reshape`,
+   `permute`, `torch.channel_shuffle` or `nn.ChannelShuffle`) acts on the permuted channels:
+
+       m(P(y)) = P(m'(y))      with m' the map's constants permuted by P^-1
+
+       pattern   a per-channel map along the channel axis after a chain of layout steps (view,
+                 reshape, transpose, permute, contiguous, channel_shuffle) that starts and ends
+                 with the shape of its input `y`
+       check     every step keeps the batch axis and the spatial axes whole and in place (the
+                 steps split, reorder and merge the channel axis only); replayed on the indices
+                 of `y` the chain moves whole channels (P computed from the shapes); the chain and
+                 the map are the only readers of each value; `y` is produced by a linear
+                 operation that absorbs the moved map (or is a concatenation, for rewrite 1)
+       rewrite   `y * scale[P^-1] + shift[P^-1]` feeds the chain; the map's readers read its end
+
 A failed check leaves the structure as written and returns the reason, which the report names,
 when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -92,6 +114,9 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
     # Only the few nodes of the patterns are classified (classifying a conv reads its weights).
     for node in [n for n in gm.graph.nodes if _is_call(n, _STACK)]:
         rewriter.stack_sum(node)
+    for node in [n for n in gm.graph.nodes if _is_permutation_step(gm, n)]:
+        if node.users and not any(_is_permutation_step(gm, u) for u in _real_users(node)):
+            rewriter.shuffle_maps(node)  # `node` ends a chain of layout steps
     split = {n.args[0]: None for n in gm.graph.nodes if _is_split_like(n)}
     for node in split:
         while node is not None and node.users:  # the maps' readers may be maps too: move them next
@@ -246,11 +271,27 @@ class _Rewriter:
             return
         moved = True
         while moved:  # after a map moves, its reader (a layer scale after a BatchNorm) may be next
-            maps = [m for m in (self.channel_map(u, cat) for u in _real_users(cat)) if m is not None]
-            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0])
+            tail = self._identity_tail(cat)
+            maps = [m for m in (self.channel_map(u, tail) for u in _real_users(tail)) if m is not None]
+            moved = bool(maps) and self._cat_map(cat, self.classify(cat), maps[0], tail)
 
-    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap) -> bool:
-        """Move `m` onto the inputs of `cat`; False (with the reason recorded) when it stays."""
+    def _identity_tail(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The last of the identities (Dropout, nn.Identity, `contiguous`) that read `node`, each
+        the only reader of the one before; `node` itself when there are none. A per-channel map
+        commutes with them: `bn(dropout(cat(...)))` is `dropout(bn(cat(...)))`."""
+        while True:
+            users = _real_users(node)
+            if len(users) != 1 or _mixes_channels(self.gm, users[0]):
+                return node
+            rule = self.classify(users[0])
+            if rule is None or rule.kind != "identity" or rule.inputs[0] is not node:
+                return node
+            node = users[0]
+
+    def _cat_map(self, cat: torch.fx.Node, rule: LinearOp, m: ChannelMap, tail: torch.fx.Node | None = None) -> bool:
+        """Move `m`, which reads `tail` (`cat` or identities after it), onto the inputs of `cat`;
+        False (with the reason recorded) when it stays."""
+        tail = cat if tail is None else tail
         shape = shape_of(cat)
         axis = rule.axis % len(shape)
         inputs = rule.inputs
@@ -262,9 +303,9 @@ class _Rewriter:
             self.refuse(where, f"kept after the concatenation: the map acts along axis {m.axis}, the "
                                f"concatenation is along axis {axis}, so no slice of it belongs to one input")
             return False
-        others = [u for u in _real_users(cat) if u is not m.node]
+        others = [u for u in _real_users(tail) if u is not m.node]
         if others:
-            self.refuse(where, f"kept after the concatenation: {cat.name} is also read by "
+            self.refuse(where, f"kept after the concatenation: {tail.name} is also read by "
                                f"{', '.join(u.name for u in others)}, which needs it without the map")
             return False
         if len(set(inputs)) != len(inputs):
@@ -292,7 +333,7 @@ class _Rewriter:
         else:
             cat.kwargs = {**cat.kwargs, "tensors": tensors}
         self._rules.pop(cat, None)
-        self.erase(m.node, cat)
+        self.erase(m.node, tail)
         return True
 
     # -- 2. maps on the pieces of a split -------------------------------------------------------
@@ -313,6 +354,9 @@ class _Rewriter:
         for node, lo, hi in pieces:
             users = _real_users(node)
             m = next((mm for mm in (self.channel_map(u, node) for u in users) if mm is not None), None)
+            if m is not None and m.axis not in (None, found[0][0]) and node.target is operator.getitem \
+                    and node.args[0] is y:
+                continue  # a slice along another axis than the map's (a crop): the two commute
             if m is not None:
                 mapped.append((node, users, m, lo, hi))
         if not mapped:
@@ -331,6 +375,10 @@ class _Rewriter:
             return None
         moved = []
         for node, users, m, lo, hi in mapped:
+            if _unbound_piece(node) and m.axis is not None:
+                self.refuse_map(y, m, f"kept on its piece: unbind removes axis {axis}, and the map acts along "
+                                      "another axis of the piece: before the split it would vary along two axes")
+                continue
             if m.axis not in (None, axis):
                 self.refuse_map(y, m, f"kept on its piece: it acts along axis {m.axis}, the split is along "
                                       f"axis {axis}")
@@ -361,6 +409,62 @@ class _Rewriter:
         for node, m, _, _ in moved:
             self.erase(m.node, node)
         return mapped_y
+
+    # -- 4. maps after a channel permutation ------------------------------------------------
+    def shuffle_maps(self, end: torch.fx.Node) -> None:
+        """Move the per-channel maps reading `end`, the last of a chain of layout steps that
+        permutes channels, before the chain."""
+        found = _permutation_chain(self.gm, end)
+        if found is None:
+            return
+        _, steps = found
+        moved = True
+        while moved:  # after a map moves, its reader (a layer scale after a BatchNorm) may be next
+            maps = [m for m in (self.channel_map(u, end) for u in _real_users(end)) if m is not None]
+            moved = bool(maps) and self._shuffle_map(steps[0].args[0], steps, maps[0])
+
+    def _shuffle_map(self, y: torch.fx.Node, steps: list[torch.fx.Node], m: ChannelMap) -> bool:
+        end = steps[-1]
+        rule = self.classify(y)
+        is_cat = rule is not None and rule.kind == "concat"
+        if not self.is_linear(y) and not is_cat:
+            return False  # nothing before the chain could absorb the map: it stays, nothing to report
+        if m.axis not in (None, 1):
+            return False  # not a map of the channels (tokens, say): the linear-form pass looks at it
+        where = [member_name(y)] + [s.name for s in steps] + [m.member]
+        perm = _channel_permutation(self.gm, y, steps)
+        if isinstance(perm, str):
+            self.refuse(where, f"kept after the layout change: {perm}")
+            return False
+        others = [u for u in _real_users(end) if u is not m.node]
+        others += [u for s in steps[:-1] for u in _real_users(s) if u not in steps]
+        if others:
+            self.refuse(where, f"kept after the channel permutation: {others[0].name} also reads the permuted "
+                               "channels without the map")
+            return False
+        if is_cat:  # rewrite 1 moves the map on to the inputs: only worth it when each absorbs its slice
+            if rule.axis % len(shape_of(y)) != 1:
+                problem = f"{y.name} concatenates along axis {rule.axis}, not the channels"
+            else:
+                problem = next((f"input {k} of {y.name}: {p}" for k, x in enumerate(rule.inputs)
+                                for p in [self.absorber_problem(x, 1, (y,))] if p is not None), None)
+            if problem is not None and not any(self.is_linear(x) for x in rule.inputs):
+                return False  # nothing linear on either side: nothing to report
+        else:
+            problem = self.absorber_problem(y, 1, (steps[0],))
+        if problem is not None:
+            self.refuse(where, f"kept after the channel permutation: {problem}")
+            return False
+        c = shape_of(y)[1]
+        scale, shift = _full(m.scale, c), _full(m.shift, c)
+        # Output channel k of the chain is input channel perm[k]: the map's k-th constants belong there.
+        before_scale, before_shift = torch.empty_like(scale), torch.empty_like(shift)
+        before_scale[perm], before_shift[perm] = scale, shift
+        mapped_y = self.insert_map(y, 1, before_scale, before_shift, f"{m.member}_unshuffled")
+        steps[0].replace_input_with(y, mapped_y)
+        self._rules.pop(steps[0], None)
+        self.erase(m.node, end)
+        return True
 
     # -- 3. sums written with stack ------------------------------------------------------------
     def stack_sum(self, stack: torch.fx.Node) -> None:
@@ -439,9 +543,104 @@ def _is_split_like(node: torch.fx.Node) -> bool:
     if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
         return False
     if node.op == "call_method":
-        return node.target in ("chunk", "split")
+        return node.target in ("chunk", "split", "tensor_split", "unbind")
     return node.op == "call_function" and (node.target in _CHUNK or node.target in _SPLIT
+                                           or node.target in (torch.tensor_split, torch.unbind)
                                            or (node.target is operator.getitem and len(node.args) == 2))
+
+
+_PERMUTING_METHODS = {"view": "reshape", "reshape": "reshape", "flatten": "reshape", "unflatten": "reshape",
+                      "transpose": "transpose", "swapaxes": "transpose", "permute": "permute",
+                      "contiguous": "same", "clone": "same"}
+_PERMUTING_FUNCTIONS = {torch.reshape: "reshape", torch.flatten: "reshape", torch.unflatten: "reshape",
+                        torch.transpose: "transpose", torch.swapaxes: "transpose", torch.permute: "permute",
+                        torch.channel_shuffle: "shuffle", torch.native_channel_shuffle: "shuffle"}
+
+
+def _step_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """What a layout step does ("reshape", "transpose", "permute", "shuffle", "same"), else None."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node) is None:
+        return None
+    if node.op == "call_method":
+        return _PERMUTING_METHODS.get(node.target)
+    if node.op == "call_function":
+        return _PERMUTING_FUNCTIONS.get(node.target)
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.ChannelShuffle):
+            return "shuffle"
+        return "reshape" if isinstance(m, (nn.Flatten, nn.Unflatten)) else None
+    return None
+
+
+def _is_permutation_step(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return _step_kind(gm, node) is not None
+
+
+def _permutation_chain(gm: torch.fx.GraphModule, end: torch.fx.Node):
+    """(y, steps) when `end` ends a chain of layout steps, each the only reader of the one before,
+    that starts from a value `y` of `end`'s shape (the shortest such chain), else None."""
+    steps = [end]
+    shape = shape_of(end)
+    while True:
+        x = steps[0].args[0]
+        if shape_of(x) == shape:
+            return (x, steps) if any(_step_kind(gm, s) != "same" for s in steps) else None
+        if not _is_permutation_step(gm, x) or len(_real_users(x)) != 1:
+            return None
+        steps.insert(0, x)
+
+
+def _dims(node: torch.fx.Node, ndim: int, kind: str) -> list[int] | None:
+    args = [a for a in node.args[1:]]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    if kind == "transpose":
+        args = [node.kwargs.get("dim0", args[0] if args else None), node.kwargs.get("dim1", args[1] if len(args) > 1 else None)]
+    elif "dims" in node.kwargs:
+        args = list(node.kwargs["dims"])
+    if not args or not all(isinstance(a, int) for a in args):
+        return None
+    return [a % ndim for a in args]
+
+
+def _channel_permutation(gm: torch.fx.GraphModule, y: torch.fx.Node, steps: list[torch.fx.Node]):
+    """`perm` with `chain(y)[:, k] == y[:, perm[k]]`, or why the chain is not such a permutation.
+
+    Replays the chain on the indices of `y` after checking that every step keeps the batch axis and
+    the spatial axes whole and in place: the permutation then depends on the channel count alone."""
+    shape = shape_of(y)
+    n, c, spatial = shape[0], shape[1], tuple(shape[2:])
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    for step in steps:
+        kind = _step_kind(gm, step)
+        out = shape_of(step)
+        middle = len(out) - len(spatial)
+        if out[0] != n or tuple(out[middle:]) != spatial or math.prod(out[1:middle]) != c or middle < 2:
+            return f"{step.name} moves the batch or spatial axes, not only the channels"
+        if kind == "reshape":
+            index = index.reshape(out)
+        elif kind in ("transpose", "permute"):
+            dims = _dims(step, index.dim(), kind)
+            if dims is None:
+                return f"{step.name} reorders axes given by computed values"
+            moved = [d for i, d in enumerate(dims) if d != i] if kind == "permute" else dims
+            if any(not 1 <= d < middle for d in moved):
+                return f"{step.name} moves the batch or spatial axes, not only the channels"
+            index = index.transpose(*dims) if kind == "transpose" else index.permute(*dims)
+        elif kind == "shuffle":
+            groups = gm.get_submodule(step.target).groups if step.op == "call_module" else (
+                step.args[1] if len(step.args) > 1 else step.kwargs.get("groups"))
+            if not isinstance(groups, int) or groups <= 0 or c % groups:
+                return f"{step.name} shuffles with a group count that is not a constant dividing {c}"
+            index = index.reshape(n, groups, c // groups, *spatial).transpose(1, 2).reshape(shape)
+        if tuple(index.shape) != tuple(out):
+            return f"{step.name} gives another shape when replayed"
+    inner = math.prod(spatial)
+    perm = (index[0].reshape(c, -1)[:, 0] // inner) % c
+    if not torch.equal(index, torch.arange(math.prod(shape)).reshape(shape)[:, perm]):
+        return "it does not move whole channels"
+    return perm
 
 
 def _part(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -502,27 +701,42 @@ def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] is y:
         found = _channel_slice(node.args[1], shape)
         return None if found is None else (found[0], [(node, found[1], found[2])])
-    is_chunk = (node.op == "call_function" and node.target in _CHUNK) or (node.op == "call_method"
-                                                                          and node.target == "chunk")
-    is_split = (node.op == "call_function" and node.target in _SPLIT) or (node.op == "call_method"
-                                                                          and node.target == "split")
-    if not (is_chunk or is_split) or not node.args or node.args[0] is not y:
+    def called(functions, method) -> bool:
+        return (node.op == "call_function" and node.target in functions) or (
+            node.op == "call_method" and node.target == method)
+
+    is_chunk, is_split = called(_CHUNK, "chunk"), called(_SPLIT, "split")
+    is_tensor_split, is_unbind = called({torch.tensor_split}, "tensor_split"), called({torch.unbind}, "unbind")
+    if not (is_chunk or is_split or is_tensor_split or is_unbind) or not node.args or node.args[0] is not y:
         return None
-    names = ("tensor", "chunks" if is_chunk else "split_size_or_sections", "dim")
+    if is_unbind:
+        names = ("input", "dim")
+    elif is_tensor_split:
+        names = ("input", "indices_or_sections", "dim")
+    else:
+        names = ("tensor", "chunks" if is_chunk else "split_size_or_sections", "dim")
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     if node.op == "call_method" and is_split and "split_size" in bound:
         bound[names[1]] = bound.pop("split_size")
+    if is_tensor_split and ("sections" in bound or "indices" in bound):
+        bound[names[1]] = bound.pop("sections", None) or bound.pop("indices")
     if set(bound) - set(names):
         return None
-    how, dim = bound.get(names[1]), bound.get("dim", 0)
+    how, dim = (1 if is_unbind else bound.get(names[1])), bound.get("dim", 0)
     if not isinstance(dim, int) or not (isinstance(how, int) or (isinstance(how, (list, tuple))
                                                                  and all(isinstance(v, int) for v in how))):
         return None
     dim %= ndim
     probe = torch.empty(shape[dim], device="meta")
     try:
-        sizes = [p.shape[0] for p in (probe.chunk(how) if is_chunk else probe.split(how))]
+        if is_chunk:
+            parts = probe.chunk(how)
+        elif is_tensor_split:
+            parts = probe.tensor_split(how)
+        else:
+            parts = probe.split(how)  # unbind: pieces of one, without the axis (`SplitPieces.drops_axis`)
+        sizes = [p.shape[0] for p in parts]
     except (RuntimeError, ValueError, TypeError):
         return None
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -534,6 +748,15 @@ def _split_pieces(node: torch.fx.Node, y: torch.fx.Node):
         k = u.args[1] % len(sizes)
         pieces.append((u, starts[k], starts[k] + sizes[k]))
     return dim, pieces
+
+
+def _unbound_piece(piece: torch.fx.Node) -> bool:
+    """Is `piece` a piece of `unbind`? The split axis is gone from it, so only maps with scalar
+    constants (the same along every axis) move before the split, as a map along the split axis."""
+    split = piece.args[0] if piece.args else None
+    return isinstance(split, torch.fx.Node) and (
+        (split.op == "call_function" and split.target is torch.unbind)
+        or (split.op == "call_method" and split.target == "unbind"))
 
 
 def _channel_slice(key, shape) -> tuple[int, int, int] | None:

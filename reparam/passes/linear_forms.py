@@ -42,7 +42,7 @@ import torch.fx
 from .. import affine
 from ..affine import AffineConv
 from ..trace import Constants, dtype_of, is_shape_query, shape_of
-from .commute import visit_average, visit_pad_border
+from .commute import follower_name, linear_follower, visit_average, visit_pad_border
 from .ops import Classifier, LinearOp
 
 
@@ -599,6 +599,14 @@ class LinearFormPass:
         form, owned = self.input_form(x, axis, node)
         if form is None:
             return None
+        if owned and op.is_per_channel and form.op.is_crop and not form.has_layout:
+            follower = linear_follower(self, node)
+            if follower is not None and follower not in self._real_users(node):
+                # Composed with the crop, the map would stay with it (a crop is no pointwise map);
+                # alone it moves through the pooling or layout change after it into `follower`.
+                self.refuse(", ".join(form.members + (member,)),
+                            f"kept apart: the crop stays, and the map moves on to {follower_name(self, follower)}")
+                owned, form = False, self.identity_form(x, axis)
         alternative = None
         if owned:
             combined, reason, cost_only = self._compose(op, form, node, own_cost, own_macs)

@@ -17,6 +17,7 @@ from ..affine import AffineConv
 from ..modules import AxisLinear, ChannelAffine
 from ..report import FusedRegion
 from .cleanup import remove_dead_nodes
+from .crop import crop_border
 from .linear_forms import Form, LinearFormPass, SumPart
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -82,6 +83,16 @@ def _copy_meta(value: torch.fx.Node, like: torch.fx.Node) -> None:
     value.meta.update({k: like.meta[k] for k in ("reparam_shape", "tensor_meta") if k in like.meta})
 
 
+def _crop_meta(cropped: torch.fx.Node, value: torch.fx.Node, amounts) -> None:
+    """Shape and dtype of `value` cropped by `amounts` (when `value`'s are known)."""
+    meta = value.meta.get("tensor_meta")
+    if meta is None:
+        return
+    shape = tuple(meta.shape[:2]) + tuple(n - 2 * a for n, a in zip(meta.shape[2:], amounts))
+    cropped.meta["tensor_meta"] = meta._replace(shape=shape)
+    cropped.meta["reparam_shape"] = shape
+
+
 class _Lowering:
     def __init__(self, gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device):
         self.gm, self.forms, self.dtype_of, self.device = gm, forms, dtype_of, device
@@ -104,7 +115,13 @@ class _Lowering:
         if not form.op.is_identity:
             name = f"fused_{self.counter}"
             self.counter += 1
-            module = to_module(form.op, form.op_axis, form.op_ndim, self.dtype_of(node), self.device)
+            op = form.op
+            if any(p < 0 for p in op.padding):  # a crop folded in (passes/crop.py): slice, then convolve
+                amounts, op = affine.split_crop(op)
+                cropped = graph.call_function(crop_border, (value, list(amounts)))
+                _crop_meta(cropped, value, amounts)
+                value = cropped
+            module = to_module(op, form.op_axis, form.op_ndim, self.dtype_of(node), self.device)
             for param in module.parameters():
                 # An operation lowered unchanged may hold its original parameter: no two modules
                 # of the result share memory.

@@ -11,6 +11,7 @@ description, so the propagation pass sees a single form of each.
     linear          nn.Linear, F.linear                     1x1 over the last axis
     avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
     pad             F.pad / ZeroPadNd with zeros            identity 1x1 with that (symmetric) padding
+    crop            x[:, :, a:-a], narrow, F.pad(x, [-a]*2)  identity 1x1 with padding -a (passes/crop.py)
     pad_border      F.pad, then the border set to v         zero padding `op`, if what precedes gives v
                     (passes/fill.py)                        for a zero input (passes/commute.py)
     identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
@@ -37,6 +38,7 @@ from torch import nn
 
 from .. import affine
 from ..trace import Constants, is_shape_query, shape_of
+from .crop import classify_crop
 from .fill import pad_border
 from .functionalize import values_updated_in_place
 
@@ -322,6 +324,8 @@ class Classifier:
             if not isinstance(dim, int):
                 return None
             return LinearOp("concat", list(tensors), axis=dim, member=node.name)
+        if t is operator.getitem or t is torch.narrow:
+            return self._crop(node)
         if t in _LAYOUT_FUNCS and node.args and _tensor_input(node.args[0]):
             return LinearOp("layout", [node.args[0]], layout=_LAYOUT_FUNCS[t], member=node.name)
         return None
@@ -336,6 +340,8 @@ class Classifier:
             return LinearOp("identity", [x], member=node.name)
         if name in _LAYOUT_METHODS:
             return LinearOp("layout", [x], layout=_LAYOUT_METHODS[name], member=node.name)
+        if name == "narrow":
+            return self._crop(node)
         if name == "mean":
             return self._mean(node)
         if name in ("reshape_as", "view_as") and len(node.args) == 2 and _tensor_input(node.args[1]) \
@@ -387,8 +393,21 @@ class Classifier:
             op = affine.from_conv(weight, bias, stride, padding, dilation, groups, padding_mode)
         return LinearOp("affine", [x], op=op, axis=1, member=name)
 
+    def _crop(self, node) -> LinearOp | None:
+        """A slice or `narrow` dropping both ends of spatial axes (passes/crop.py)."""
+        found = classify_crop(node)
+        if found is None or not _tensor_input(found[0]):
+            return None
+        x, op = found
+        if op is None:
+            return LinearOp("identity", [x], member=node.name)
+        if isinstance(op, str):
+            return LinearOp("refused", [x], reason=f"crop kept: {op}", member=node.name)
+        return LinearOp("affine", [x], op=op, axis=1, member=node.name)
+
     def _pad(self, x, pad, mode, value, name) -> LinearOp | None:
-        """Zero padding of the spatial axes, the same on both sides: an identity conv with padding."""
+        """Zero padding of the spatial axes, the same on both sides: an identity conv with padding
+        (negative: a crop, passes/crop.py)."""
         shape = shape_of(x)
         if not _tensor_input(x) or not isinstance(pad, (list, tuple)) or shape is None or len(shape) < 3:
             return None
@@ -400,9 +419,9 @@ class Classifier:
         per_axis = [0] * nd
         for i in range(len(pad) // 2):  # pad lists the last axis first
             left, right = pad[2 * i], pad[2 * i + 1]
-            if left != right or left < 0:
-                return LinearOp("refused", [x], reason="F.pad pads the two sides of an axis differently (or "
-                                                         "crops): not a symmetric convolution padding",
+            if left != right:
+                return LinearOp("refused", [x], reason="F.pad pads (or crops) the two sides of an axis "
+                                                         "differently: not a symmetric convolution padding",
                                 member=name)
             per_axis[nd - 1 - i] = left
         return LinearOp("affine", [x], op=affine.zero_pad(shape[1], per_axis, nd), axis=1, member=name)

@@ -527,3 +527,104 @@ def test_cat_of_one_source_still_becomes_one_conv():
     assert n_convs(fused) == 1 and n_bns(fused) == 0
     assert torch.cat not in call_targets(fused)
     assert not fused.report.refusals
+
+
+# -- identities between the concatenation and its map; tensor_split and unbind ------------------
+
+class CatThroughIdentities(nn.Module):
+    """`bn(dropout(cat(...)))`, `bn(cat(...).contiguous())`, an nn.Identity in between."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 1)
+        self.drop, self.ident = nn.Dropout(0.2), nn.Identity()
+        self.bn = rbn(6)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        if self.how == "dropout":
+            y = self.drop(y)
+        elif self.how == "functional_dropout":
+            y = F.dropout(y, 0.1, self.training)
+        elif self.how == "contiguous":
+            y = y.contiguous()
+        else:
+            y = self.ident(self.drop(y))
+        return torch.relu(self.bn(y))
+
+
+@pytest.mark.parametrize("how", ["dropout", "functional_dropout", "contiguous", "identity_and_dropout"])
+def test_map_after_identities_after_a_cat_folds_into_each_input(how):
+    torch.manual_seed(21)
+    fused = fuse64(CatThroughIdentities(how), torch.randn(2, 3, 6, 5, dtype=torch.float64))
+    assert n_bns(fused) == 0 and n_convs(fused) == 2  # the 3x3 and the 1x1 stay apart (cheaper)
+    assert torch.cat in call_targets(fused)
+    assert not [r for r in fused.report.refusals if "bn" in r.where.split(", ")]
+
+
+class CatIdentityReadTwice(CatThroughIdentities):
+    def forward(self, x):
+        y = self.drop(torch.cat([self.a(x), self.b(x)], 1))
+        return torch.relu(self.bn(y)) + y
+
+
+def test_map_after_an_identity_read_twice_stays_with_a_reason():
+    torch.manual_seed(22)
+    fused = fuse64(CatIdentityReadTwice("dropout"), torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    assert n_bns(fused) == 1
+    assert any("also read by" in r for r in refusals_naming(fused, "bn"))
+
+
+class TensorSplitGate(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 7, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = rbn(4), rbn(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "sections":
+            a, b = torch.tensor_split(y, 2, dim=1)  # 4 and 3 channels
+        else:
+            a, b = y.tensor_split([4], 1)
+        return torch.relu(self.bn_a(a)).sum(1, keepdim=True) * torch.sigmoid(self.bn_b(b))
+
+
+@pytest.mark.parametrize("how", ["sections", "indices"])
+def test_maps_on_tensor_split_pieces_combine_into_the_conv(how):
+    torch.manual_seed(23)
+    fused = fuse64(TensorSplitGate(how), torch.randn(2, 3, 5, 6, dtype=torch.float64))
+    assert n_bns(fused) == 0 and n_convs(fused) == 1
+    assert not fused.report.refusals
+
+
+class UnbindScales(nn.Module):
+    """`r, g, b = conv(x).unbind(1)` with a scale on some pieces: scalars move before the unbind as
+    a map along the channels; a scale along the rows of a piece cannot."""
+
+    def __init__(self, per_row: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 1)
+        self.w = nn.Parameter(torch.rand(6, 1) + 0.5) if per_row else None
+
+    def forward(self, x):
+        r, g, b = self.conv(x).unbind(1)
+        if self.w is not None:
+            r = r * self.w
+        return torch.tanh(r * 0.125) + torch.tanh(g) + torch.tanh(-b)
+
+
+def test_scalar_maps_on_unbind_pieces_move_before_the_unbind():
+    torch.manual_seed(24)
+    fused = fuse64(UnbindScales(False), torch.randn(2, 4, 6, 5, dtype=torch.float64))
+    targets = call_targets(fused)
+    assert operator.mul not in targets and operator.neg not in targets and "unbind" in targets
+    assert n_convs(fused) == 1 and not fused.report.refusals
+
+
+def test_maps_along_another_axis_of_unbind_pieces_stay_with_a_reason():
+    torch.manual_seed(25)
+    fused = fuse64(UnbindScales(True), torch.randn(2, 4, 6, 5, dtype=torch.float64))
+    assert any("unbind removes axis" in r.reason for r in fused.report.refusals), fused.report.refusals
