@@ -235,6 +235,64 @@ def reads_requires_grad(node: torch.fx.Node) -> bool:
     return False
 
 
+_SIZE_ATTRS = {"shape"}
+_SIZE_METHODS = {"size", "numel", "nelement"}
+
+
+def _reads_size_here(n: torch.fx.Node) -> bool:
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in _SIZE_ATTRS
+    if n.op == "call_method":
+        return n.target in _SIZE_METHODS
+    return n.op == "call_function" and n.target is torch.numel
+
+
+def reads_sizes(node: torch.fx.Node) -> bool:
+    """Does the condition computed by `node` read some value's sizes (its rank aside:
+    `len(x.shape)` is the rank)?"""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is len:
+            continue  # `len(x.shape)`, `len(x.size())`: the rank
+        if _reads_size_here(n):
+            return True
+        if n.op in ("call_function", "call_method") and metadata_sources(n) is not None:
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _is_a_size(n) -> bool:
+    """`x.numel()`, `x.shape[i]`, `x.size(i)`: one size, or the number of elements."""
+    if not isinstance(n, torch.fx.Node):
+        return False
+    if n.op == "call_method" and n.target in ("numel", "nelement"):
+        return True
+    if n.op == "call_function" and n.target is torch.numel:
+        return True
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
+        return True
+    return (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int)
+            and isinstance(n.args[0], torch.fx.Node) and _reads_size_here(n.args[0]))
+
+
+def tests_emptiness(node: torch.fx.Node) -> bool:
+    """Is the condition `node` a test for an empty tensor (`x.numel() == 0`, `x.shape[0] > 0`,
+    `not x.numel()`)? Such a guard holds for every input but empty ones."""
+    if node.op != "call_function":
+        return False
+    if node.target in (operator.not_, operator.truth) and len(node.args) == 1:
+        return _is_a_size(node.args[0])
+    if node.target in (operator.eq, operator.ne, operator.gt, operator.le) and len(node.args) == 2:
+        a, b = node.args
+        zero = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v == 0)
+        return (zero(b) and _is_a_size(a)) or (zero(a) and _is_a_size(b))
+    return False
+
+
 GRAD_MODE_MESSAGE = ("reparam.fuse runs the model without gradients, and the model branches on `requires_grad`: "
                      "call the fused model under torch.no_grad() or torch.inference_mode() to take the same branch.")
 

@@ -23,7 +23,8 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
-from .concrete import GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters, reads_requires_grad
+from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters,
+                       reads_requires_grad, reads_sizes, tests_emptiness)
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -156,6 +157,11 @@ class _FallbackTracer(torch.fx.Tracer):
         jump = _conditional_jump(caller.f_code, caller.f_lasti)
         if jump is not None and not outcome_matters(caller, _instructions(caller.f_code)[1], jump, decided):
             return decided  # either way leads to the same code: nothing to guard
+        if reads_sizes(obj.node) and not tests_emptiness(obj.node):
+            # A branch on sizes (`if H % window:`, `if h == ws and w == ws:`) guarded for the
+            # example's sizes would make the fused model refuse every other size, where the
+            # module kept whole (an untraceable leaf, fused inside) still takes any.
+            return None
         if reads_requires_grad(obj.node) and not self._grad_mode_checked:
             self._grad_mode_checked = True
             # Decided without gradients; with them, every value computed from parameters needs

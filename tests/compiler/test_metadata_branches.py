@@ -202,7 +202,7 @@ def test_branches_on_values_stay_untraceable(wrapper):
 
 
 class ShapeDispatch(nn.Module):
-    """Branches on rank, dtype, a size and the device, the way layers that accept several layouts do."""
+    """Branches on rank, dtype and the device, the way layers that accept several layouts do."""
 
     def __init__(self, c):
         super().__init__()
@@ -214,12 +214,10 @@ class ShapeDispatch(nn.Module):
             x = x.unsqueeze(0)
         if x.dtype != torch.float64 or x.device.type != "cpu":
             raise TypeError("float64 on the CPU only")
-        if x.shape[-1] % 2 == 1:
-            x = F.pad(x, (0, 1))
         return self.bn(self.conv(x))
 
 
-def test_rank_dtype_size_and_device_branches_are_guarded():
+def test_rank_dtype_and_device_branches_are_guarded():
     model = ShapeDispatch(4).double().eval()
     x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
     fused = reparam.fuse(model, x)
@@ -228,8 +226,32 @@ def test_rank_dtype_size_and_device_branches_are_guarded():
     assert_same(model, fused, torch.randn(1, 4, 3, 7, dtype=torch.float64))
     with pytest.raises(AssertionError, match=r"x\.dim\(\) == 3"):
         fused(x[0])
-    with pytest.raises(AssertionError, match=r"% 2\) == 1\)` is True"):
-        fused(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+
+
+class PadToEven(nn.Module):
+    """Window attention's padding: a branch on a size, which differs from input to input."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = FrozenBatchNorm2d(c)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 1:
+            x = F.pad(x, (0, 1))
+        return self.bn(self.conv(x))
+
+
+def test_branches_on_sizes_keep_the_module_whole_for_every_size():
+    model = nn.Sequential(PadToEven(4)).double().eval()
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    # Guarding the example's width would refuse every other width: the block stays an
+    # untraceable leaf (its conv and norm, children it combines in Python, stay apart) and takes both.
+    assert [leaf.module for leaf in fused.report.leaves] == ["0"]
+    assert "control flow" in fused.report.leaves[0].reason
+    assert_same(model, fused, x)
+    assert_same(model, fused, torch.randn(2, 4, 6, 6, dtype=torch.float64))
 
 
 def test_conditions_reading_metadata_are_told_apart_from_value_reads():
