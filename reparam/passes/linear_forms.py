@@ -545,6 +545,13 @@ class LinearFormPass:
         form, owned = self.input_form(x, None, node)
         if form is None:
             return None
+        if node.op == "call_method" and node.target == "contiguous" and owned and form.after and not node.kwargs \
+                and len(node.args) == 1:
+            # After layout steps (a window reverse: view, permute, contiguous, view) the copy is
+            # one more step, replayed after the fused operator in its place.
+            self.absorb(x, node)
+            return replace(form, after=form.after + (LayoutStep(node, True),), members=form.members + (rule.member,),
+                           origin=None, alternative=None)
         if node.op == "call_method" and node.target == "contiguous" and (not owned or form.after):
             # `contiguous()` copies a strided view (a transpose) into a dense tensor, which a `view`
             # after it may need: it is an identity only on the fresh output of a fused operator.

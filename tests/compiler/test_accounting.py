@@ -3,6 +3,8 @@ by the report (a refusal naming one of them), across the structure families."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,8 +149,8 @@ def grid_reverse(windows, grid_size, img_size, channels=None):
 
 class GridAttentionTail(nn.Module):
     """Attention projection -> grid reverse -> layer scale -> residual, channels last. The layer
-    scale stays apart from the projection (the copy `contiguous()` makes, or the shape read, stops
-    it); the report must say so."""
+    scale folds into the projection across the reverse (its `contiguous()` copy replayed after the
+    fused Linear); a read of the projection's shape keeps them apart, and the report must say so."""
 
     def __init__(self, c, shape_read):
         super().__init__()
@@ -221,7 +223,7 @@ class GatedSplit(nn.Module):
 
 THIRD_PARTY = [
     ("grid_tail_shape_read", lambda: GridAttentionTail(8, True), (1, 4, 4, 8), "kept apart"),
-    ("grid_tail_contiguous", lambda: GridAttentionTail(8, False), (1, 4, 4, 8), "contiguous()"),
+    ("grid_tail_contiguous", lambda: GridAttentionTail(8, False), (1, 4, 4, 8), None),
     ("fourier_position", lambda: FourierPosition(8), (1, 8, 6, 6), None),
     ("cat_then_norm", lambda: CatThenNorm(4), (1, 4, 6, 6), None),
     ("cat_then_norm_refused", lambda: CatThenNorm(4, other=True), (1, 4, 6, 6), "concatenation"),
@@ -244,6 +246,17 @@ def test_third_party_spellings_are_accounted_for(build, shape, refusal):
         assert any(refusal in r for r in reasons), reasons
         fused.report.refusals.clear()  # without its refusal, the pair left is a silent miss
         assert unaccounted_linear_ops(fused) != []
+    assert_same(model, fused, x)
+
+
+def test_layer_scale_folds_into_the_projection_across_a_grid_reverse():
+    torch.manual_seed(0)
+    model = GridAttentionTail(8, False).double().eval()
+    x = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    targets = [n.target for n in fused.graph.nodes]
+    assert operator.mul not in targets and "contiguous" in targets  # the copy stays, replayed
+    assert [type(m) for m in fused.modules() if isinstance(m, nn.Linear)] == [nn.Linear]
     assert_same(model, fused, x)
 
 
