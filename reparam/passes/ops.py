@@ -149,7 +149,11 @@ def computes_as_its_torch_base(m: nn.Module) -> bool:
     A subclass of a torch.nn layer that overrides `forward` (timm's `Conv2dSame` pads by the input
     size; weight-standardized convs rescale their weight) is another operation, although its
     attributes (`padding`, `weight`) look the same. Such a module is traced through when it can be;
-    when it cannot (it stays a leaf call), it must not be read as its base class."""
+    when it cannot (it stays a leaf call), it must not be read as its base class. The same holds for
+    a forward set on the instance (`conv.forward = partial(conv_bn_forward, bn, conv)`, as mmcv's
+    efficient conv-bn evaluation does): the module then computes that function."""
+    if any(name in vars(m) for name in _FORWARD_METHODS):
+        return False
     cls = type(m)
     if cls.__module__.startswith("torch.nn"):
         return True

@@ -9,6 +9,7 @@ without a word in the report.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -669,3 +670,31 @@ def test_ghostnet_bottleneck_folds_its_batch_norms_and_keeps_the_cheap_branch():
     fused = _fuse(GhostBottleneck(16, 32, 16), torch.randn(2, 16, 8, 8))
     assert n_convs(fused) == 4 and n_bns(fused) == 0
     assert any("not cheaper" in r.reason for r in fused.report.refusals)  # dense 3x3 would cost more
+
+
+# ------------------------------------------------------------------------------------------------
+# A forward set on the instance: the module computes that, not what its class computes
+# ------------------------------------------------------------------------------------------------
+
+def _conv_bn_forward(bn, conv, x):
+    """mmcv's efficient conv-bn evaluation: the BatchNorm folded into the weight on the fly."""
+    coeff = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * coeff.reshape(-1, 1, 1, 1)
+    bias = bn.bias + coeff * ((conv.bias if conv.bias is not None else 0) - bn.running_mean)
+    return conv._conv_forward(x, weight, bias)
+
+
+class PatchedConvSkip(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv.forward = functools.partial(_conv_bn_forward, self.bn, self.conv)
+
+    def forward(self, x):
+        return self.conv(x) + x
+
+
+def test_conv_with_a_forward_set_on_the_instance_is_not_read_as_a_conv():
+    fused = _fuse(PatchedConvSkip(8), torch.randn(2, 8, 6, 6))
+    assert len(fused.report.regions) == 0  # left as written, and right
