@@ -21,6 +21,8 @@ description, so the propagation pass sees a single form of each.
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
     addcmul         torch.addcmul(b, x, a) (timm's Affine)  per-channel a*x + b
     sum             x + y, x - y                            A + B over a common source
+                    zeros + x (an accumulator started with  x
+                    zeros_like / new_zeros / torch.zeros)
     concat          torch.cat(dim=channels)                 outputs stacked
     layout          flatten, transpose, permute, reshape,   moves the channel axis (pointwise only)
                     view, view_as, reshape_as, unflatten
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import affine
-from ..trace import Constants, is_shape_query, shape_of
+from ..trace import Constants, dtype_of, is_shape_query, shape_of
 from .fill import pad_border
 from .functionalize import values_updated_in_place
 
@@ -72,6 +74,9 @@ _MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
 _NEG = {operator.neg, torch.neg, torch.negative}
 _MATMUL = {operator.matmul, torch.matmul}
+# Tensors of zeros made from a shape: `out = torch.zeros_like(x)`, then `out += branch(x)`.
+_ZEROS_FUNCS = {torch.zeros_like, torch.zeros}
+_ZEROS_METHODS = {"new_zeros"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _LAYOUT_FUNCS = {torch.flatten: "flatten", torch.transpose: "transpose", torch.swapaxes: "transpose",
                  torch.permute: "permute", torch.reshape: "reshape", torch.squeeze: "squeeze",
@@ -322,15 +327,19 @@ class Classifier:
             if a.get("training", True) is False and _tensor_input(a.get("input")):
                 return LinearOp("identity", [a["input"]], member=node.name)
             return None
-        if t in _ADD or t in _SUB:
-            alpha = node.kwargs.get("alpha", 1)
-            if len(node.args) != 2 or not isinstance(alpha, (int, float)) or set(node.kwargs) - {"alpha"}:
+        if t in _ADD or t in _SUB or t in _MUL or t in _DIV:
+            # `torch.add(a, b)`, `torch.add(input=a, other=b, alpha=2)`, `operator.add(a, b)`
+            a = bind(node, ("input", "other"))
+            if len(node.args) > 2 or "input" not in a or "other" not in a:
                 return None
-            return self._add(node, node.args[0], node.args[1], (1.0 if t in _ADD else -1.0) * alpha)
-        if t in _MUL:
-            return self._mul(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
-        if t in _DIV:
-            return self._div(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
+            if t in _ADD or t in _SUB:
+                alpha = a.pop("alpha", 1)
+                if set(a) - {"input", "other"} or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                    return None
+                return self._add(node, a["input"], a["other"], (1.0 if t in _ADD else -1.0) * alpha)
+            if set(a) - {"input", "other"}:
+                return None  # rounding_mode, out=: not a plain product or quotient
+            return (self._mul if t in _MUL else self._div)(node, a["input"], a["other"])
         if t in _NEG:
             if len(node.args) == 1 and _tensor_input(node.args[0]):
                 return LinearOp("scale", [node.args[0]], scale=torch.tensor(-1.0, dtype=torch.float64),
@@ -563,6 +572,13 @@ class Classifier:
 
     def _add(self, node, a, b, sign_b: float) -> LinearOp | None:
         ta, tb = _tensor_input(a), _tensor_input(b)
+        if ta and tb and _zeros_like_result(a, node) and _zeros_like_result(b, node, zeros=False):
+            # `zeros + y` (an accumulator started with zeros): y itself, or -y
+            if sign_b == 1.0:
+                return LinearOp("identity", [b], member=node.name)
+            return LinearOp("scale", [b], scale=torch.tensor(sign_b, dtype=torch.float64), member=node.name)
+        if ta and tb and _zeros_like_result(b, node) and _zeros_like_result(a, node, zeros=False):
+            return LinearOp("identity", [a], member=node.name)  # y + 0, y - 0
         if ta and tb:
             if shape_of(a) != shape_of(node) or shape_of(b) != shape_of(node):
                 return None  # broadcasting between tensors is not a sum of maps on one value
@@ -593,6 +609,18 @@ class Classifier:
         if c is None or not bool((c != 0).all()):
             return None
         return LinearOp("scale", [a], scale=1.0 / c, member=member_name(node))
+
+
+def _zeros_like_result(value: torch.fx.Node, result: torch.fx.Node, zeros: bool = True) -> bool:
+    """Has `value` the shape and dtype of `result` (and, when `zeros`, is it a tensor of zeros made
+    from a shape)? Only then does adding it change nothing but the tensor's identity."""
+    if shape_of(value) != shape_of(result) or dtype_of(value) != dtype_of(result):
+        return False
+    if not zeros:
+        return True
+    if value.op == "call_function" and value.target in _ZEROS_FUNCS:
+        return not any(k in value.kwargs for k in ("out", "requires_grad"))
+    return value.op == "call_method" and value.target in _ZEROS_METHODS
 
 
 def _is_float(node: torch.fx.Node) -> bool:

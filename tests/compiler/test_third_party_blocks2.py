@@ -797,3 +797,64 @@ def test_detectron2_conv_with_norm_is_one_conv():
                           Detectron2Conv(8, 8, 1, bias=False, norm=nn.BatchNorm2d(8)))
     fused = _fuse(model, torch.randn(2, 8, 6, 6))
     assert len(fused.report.leaves) == 0 and n_bns(fused) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Sums as other people write them: keyword arguments, accumulators started with zeros
+# ------------------------------------------------------------------------------------------------
+
+class Branches(nn.Module):
+    def __init__(self, spelling, c=8):
+        super().__init__()
+        self.spelling = spelling
+        self.branches = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)),
+            nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)),
+        ])
+
+    def forward(self, x):
+        a, b = self.branches
+        if self.spelling == "torch.add keywords":
+            return torch.add(input=a(x), other=b(x), alpha=0.5)
+        if self.spelling == "torch.sub keywords":
+            return torch.sub(input=a(x), other=b(x))
+        if self.spelling == "torch.mul keywords":
+            return torch.mul(input=a(x), other=0.5) + b(x)
+        if self.spelling == "new_zeros":
+            out = x.new_zeros(x.shape)
+            for branch in self.branches:
+                out = out + branch(x)
+            return out
+        if self.spelling == "torch.zeros":
+            out = torch.zeros(x.shape, dtype=x.dtype)
+            for branch in self.branches:
+                out = branch(x) - out
+            return out
+        out = torch.zeros_like(x)  # "zeros_like in place"
+        for branch in self.branches:
+            out += branch(x)
+        return out
+
+
+@pytest.mark.parametrize("spelling", [
+    "torch.add keywords", "torch.sub keywords", "torch.mul keywords", "new_zeros", "torch.zeros",
+    pytest.param("zeros_like in place", marks=pytest.mark.xfail(
+        strict=True, reason="passes/functionalize.py counts torch.zeros_like's result as an alias of its input")),
+])
+def test_sum_spellings_are_one_conv(spelling):
+    fused = _fuse(Branches(spelling), torch.randn(2, 8, 6, 6))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    assert _calls(fused, torch.zeros_like, torch.zeros, "new_zeros", torch.add, operator.add, operator.iadd) == 0
+
+
+def test_zeros_of_another_shape_are_not_dropped():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):  # (2, 8, 6, 6) + zeros (3, 1, 1, 1, 1): the shape changes
+            return torch.zeros(3, 1, 1, 1, 1, dtype=x.dtype) + self.conv(x)
+
+    fused = _fuse(Broadcast(), torch.randn(2, 8, 6, 6))
+    assert _calls(fused, torch.zeros) == 1
