@@ -8,16 +8,22 @@ description, so the propagation pass sees a single form of each.
     rule            graph op                                operator on its input
     conv            ConvNd, F.convNd (constant weight)      itself
     batch_norm      BatchNormNd / F.batch_norm, eval        depthwise 1x1: a = g/sqrt(v+eps), b = beta - m*a
-    linear          nn.Linear, F.linear                     1x1 over the last axis
+                    InstanceNormNd / F.instance_norm with   the same (eval reads the running statistics)
+                    running statistics
+    linear          nn.Linear, F.linear, x @ W (constant W) 1x1 over the last axis
     avg_pool        AvgPoolNd, count_include_pad=True       depthwise kxk of 1/k^2
     pad             F.pad / ZeroPadNd with zeros            identity 1x1 with that (symmetric) padding
     crop            x[:, :, a:-a], narrow, F.pad(x, [-a]*2)  identity 1x1 with padding -a (passes/crop.py)
     pad_border      F.pad, then the border set to v         zero padding `op`, if what precedes gives v
                     (passes/fill.py)                        for a zero input (passes/commute.py)
-    identity        Identity, Dropout (eval), contiguous    depthwise 1x1 of ones
+    identity        Identity, Dropout (eval), contiguous,   depthwise 1x1 of ones
+                    leaky_relu with negative_slope 1
     scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
+    addcmul         torch.addcmul(b, x, a) (timm's Affine)  per-channel a*x + b
     sum             x + y, x - y                            A + B over a common source
+                    zeros + x (an accumulator started with  x
+                    zeros_like / new_zeros / torch.zeros)
     concat          torch.cat(dim=channels)                 outputs stacked
     layout          flatten, transpose, permute, reshape,   moves the channel axis (pointwise only)
                     view, view_as, reshape_as, unflatten
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import affine
-from ..trace import Constants, is_shape_query, shape_of
+from ..trace import Constants, dtype_of, is_shape_query, shape_of
 from .crop import classify_crop
 from .fill import pad_border
 from .functionalize import values_updated_in_place
@@ -49,11 +55,15 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
               "divisor_override")
 _DROPOUT_ARGS = ("input", "p", "training", "inplace")
+_INSTANCE_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum",
+                       "eps")
+_ADDCMUL_ARGS = ("input", "tensor1", "tensor2")
 
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _POOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool1d: 1}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCE_NORM_MODULES = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 _POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _ADAPTIVE_POOL_MODULES = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 _ADAPTIVE_POOL_FUNCS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
@@ -65,6 +75,10 @@ _SUB = {operator.sub, torch.sub, torch.subtract, operator.isub}
 _MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
 _NEG = {operator.neg, torch.neg, torch.negative}
+_MATMUL = {operator.matmul, torch.matmul}
+# Tensors of zeros made from a shape: `out = torch.zeros_like(x)`, then `out += branch(x)`.
+_ZEROS_FUNCS = {torch.zeros_like, torch.zeros}
+_ZEROS_METHODS = {"new_zeros"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _LAYOUT_FUNCS = {torch.flatten: "flatten", torch.transpose: "transpose", torch.swapaxes: "transpose",
                  torch.permute: "permute", torch.reshape: "reshape", torch.squeeze: "squeeze",
@@ -142,7 +156,11 @@ def computes_as_its_torch_base(m: nn.Module) -> bool:
     A subclass of a torch.nn layer that overrides `forward` (timm's `Conv2dSame` pads by the input
     size; weight-standardized convs rescale their weight) is another operation, although its
     attributes (`padding`, `weight`) look the same. Such a module is traced through when it can be;
-    when it cannot (it stays a leaf call), it must not be read as its base class."""
+    when it cannot (it stays a leaf call), it must not be read as its base class. The same holds for
+    a forward set on the instance (`conv.forward = partial(conv_bn_forward, bn, conv)`, as mmcv's
+    efficient conv-bn evaluation does): the module then computes that function."""
+    if any(name in vars(m) for name in _FORWARD_METHODS):
+        return False
     cls = type(m)
     if cls.__module__.startswith("torch.nn"):
         return True
@@ -221,10 +239,17 @@ class Classifier:
                     "not an affine map"), member=name)
             op = affine.batch_norm(m.running_mean, m.running_var, m.weight, m.bias, m.eps, nd=0)
             return LinearOp("affine", [x], op=op, axis=1, member=name)
+        if type(m) in _INSTANCE_NORM_MODULES:
+            if m.training or not m.track_running_stats or m.running_mean is None:
+                return None  # normalizes each sample by its own statistics: not linear
+            return self._instance_norm(x, _INSTANCE_NORM_MODULES[type(m)], m.running_mean, m.running_var,
+                                       m.weight, m.bias, m.eps, name)
         if isinstance(m, nn.Linear):
             op = (_as_stored(m.weight, m.bias, (), (), (), 1, "zeros") if self.stored_weights
                   else affine.from_linear(m.weight, m.bias))
             return LinearOp("affine", [x], op=op, axis=-1, member=name)
+        if isinstance(m, nn.LeakyReLU):
+            return LinearOp("identity", [x], member=name) if m.negative_slope == 1 else None
         if type(m) in _POOL_MODULES:
             return self._pool(x, _POOL_MODULES[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
                               m.count_include_pad, getattr(m, "divisor_override", None), name)
@@ -269,6 +294,14 @@ class Classifier:
                                                          "parameters: not an affine map", member=node.name)
             op = affine.batch_norm(stats[0], stats[1], affine_vals[0], affine_vals[1], a.get("eps", 1e-5), 0)
             return LinearOp("affine", [x], op=op, axis=1, member=member_name(node))
+        if t is F.instance_norm:
+            return self._functional_instance_norm(node)
+        if t is F.leaky_relu:
+            return self._leaky_relu(node)
+        if t is torch.addcmul:
+            return self._addcmul(node)
+        if t in _MATMUL:
+            return self._matmul(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
         if t in (F.linear,):
             a = bind(node, _LINEAR_ARGS)
             weight = self.const(a.get("weight"))
@@ -302,15 +335,19 @@ class Classifier:
             if a.get("training", True) is False and _tensor_input(a.get("input")):
                 return LinearOp("identity", [a["input"]], member=node.name)
             return None
-        if t in _ADD or t in _SUB:
-            alpha = node.kwargs.get("alpha", 1)
-            if len(node.args) != 2 or not isinstance(alpha, (int, float)) or set(node.kwargs) - {"alpha"}:
+        if t in _ADD or t in _SUB or t in _MUL or t in _DIV:
+            # `torch.add(a, b)`, `torch.add(input=a, other=b, alpha=2)`, `operator.add(a, b)`
+            a = bind(node, ("input", "other"))
+            if len(node.args) > 2 or "input" not in a or "other" not in a:
                 return None
-            return self._add(node, node.args[0], node.args[1], (1.0 if t in _ADD else -1.0) * alpha)
-        if t in _MUL:
-            return self._mul(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
-        if t in _DIV:
-            return self._div(node, *node.args) if len(node.args) == 2 and not node.kwargs else None
+            if t in _ADD or t in _SUB:
+                alpha = a.pop("alpha", 1)
+                if set(a) - {"input", "other"} or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                    return None
+                return self._add(node, a["input"], a["other"], (1.0 if t in _ADD else -1.0) * alpha)
+            if set(a) - {"input", "other"}:
+                return None  # rounding_mode, out=: not a plain product or quotient
+            return (self._mul if t in _MUL else self._div)(node, a["input"], a["other"])
         if t in _NEG:
             if len(node.args) == 1 and _tensor_input(node.args[0]):
                 return LinearOp("scale", [node.args[0]], scale=torch.tensor(-1.0, dtype=torch.float64),
@@ -347,6 +384,8 @@ class Classifier:
         if name in ("reshape_as", "view_as") and len(node.args) == 2 and _tensor_input(node.args[1]) \
                 and not node.kwargs:
             return LinearOp("layout", [x], layout="reshape", shape_of=node.args[1], member=node.name)
+        if name in ("matmul", "__matmul__"):
+            return self._matmul(node, x, node.args[1]) if len(node.args) == 2 and not node.kwargs else None
         kind = _METHOD_ARITH.get(name)
         if kind is None:
             return None
@@ -484,8 +523,96 @@ class Classifier:
         dims = tuple(sorted({d % len(shape) for d in dims}))
         return LinearOp("average", [x], dims=dims, keepdim=keepdim, member=node.name)
 
+    def _instance_norm(self, x, nd, mean, var, weight, bias, eps, name) -> LinearOp | None:
+        """Instance norm that reads running statistics (eval, `track_running_stats=True`):
+        the same per-channel map as a BatchNorm with those statistics."""
+        shape = shape_of(x)
+        if shape is None or len(shape) != nd + 2:
+            return None  # unbatched input: the channel axis is axis 0
+        op = affine.batch_norm(mean, var, weight, bias, eps, nd=0)
+        return LinearOp("affine", [x], op=op, axis=1, member=name)
+
+    def _functional_instance_norm(self, node) -> LinearOp | None:
+        a = bind(node, _INSTANCE_NORM_ARGS)
+        x = a.get("input")
+        if not _tensor_input(x) or a.get("use_input_stats", True) is not False:
+            return None  # statistics of each sample: not linear
+        stats = [self.const(a.get(k)) for k in ("running_mean", "running_var")]
+        affine_args = [a.get(k) for k in ("weight", "bias")]
+        affine_vals = [None if v is None else self.const(v) for v in affine_args]
+        if any(v is None for v in stats) or any(v is None and arg is not None
+                                                 for v, arg in zip(affine_vals, affine_args)):
+            return None
+        shape = shape_of(x)
+        if shape is None or len(shape) < 3:
+            return None
+        return self._instance_norm(x, len(shape) - 2, stats[0], stats[1], affine_vals[0], affine_vals[1],
+                                   a.get("eps", 1e-5), member_name(node))
+
+    def _leaky_relu(self, node) -> LinearOp | None:
+        """`F.leaky_relu(x, 1.0)` is the identity (VanillaNet anneals its activations to a slope of 1)."""
+        a = bind(node, ("input", "negative_slope", "inplace"))
+        slope = a.get("negative_slope", 0.01)
+        if not _tensor_input(a.get("input")) or isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            return None
+        return LinearOp("identity", [a["input"]], member=node.name) if slope == 1 else None
+
+    def _addcmul(self, node) -> LinearOp | None:
+        """`torch.addcmul(b, t1, t2, value=v)` = b + v * t1 * t2 with one tensor operand: a shift
+        (the tensor is `b`) or a per-channel `a * x + b` (timm's `Affine` in ResMLP)."""
+        a = bind(node, _ADDCMUL_ARGS)
+        if set(a) - {"input", "tensor1", "tensor2", "value"} or len(a) < 3:
+            return None
+        value = a.get("value", 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        operands = [a["input"], a["tensor1"], a["tensor2"]]
+        tensors = [i for i, v in enumerate(operands) if _tensor_input(v)]
+        if len(tensors) != 1:
+            return None
+        x = operands[tensors[0]]
+        consts = [self.const(v) for i, v in enumerate(operands) if i != tensors[0]]
+        shape = shape_of(x)
+        if any(c is None for c in consts) or shape is None or shape_of(node) != shape or len(shape) < 2:
+            return None  # the constants broadcast x to a larger shape: not a map on x
+        if tensors[0] == 0:
+            return LinearOp("shift", [x], shift=consts[0] * consts[1] * value, member=member_name(node))
+        shift, scale = consts[0], consts[1] * value
+        axes = {len(shape) - c.dim() + i for c in (shift, scale) for i, n in enumerate(c.shape) if n != 1}
+        if len(axes) > 1 or any(c.dim() > len(shape) for c in (shift, scale)):
+            return None  # varies along several axes: not per channel
+        axis = axes.pop() if axes else 1
+        vectors = []
+        for c in (scale, shift):
+            if c.numel() == 1:
+                vectors.append(c.reshape(()).expand(shape[axis]).clone())
+            elif c.numel() == shape[axis]:
+                vectors.append(c.reshape(-1).clone())
+            else:
+                return None
+        op = affine.per_channel(vectors[0], vectors[1], 0)
+        return LinearOp("affine", [x], op=op, axis=axis, member=member_name(node))
+
+    def _matmul(self, node, a, b) -> LinearOp | None:
+        """`x @ W` with a constant matrix `W`: a Linear without bias on the last axis."""
+        if not _tensor_input(a) or _tensor_input(b):
+            return None
+        w = self.const(b)
+        shape = shape_of(a)
+        if w is None or w.dim() != 2 or shape is None or len(shape) < 2 or shape[-1] != w.shape[0]:
+            return None
+        return LinearOp("affine", [a], op=affine.from_linear(w.t().contiguous(), None), axis=-1,
+                        member=member_name(node))
+
     def _add(self, node, a, b, sign_b: float) -> LinearOp | None:
         ta, tb = _tensor_input(a), _tensor_input(b)
+        if ta and tb and _zeros_like_result(a, node) and _zeros_like_result(b, node, zeros=False):
+            # `zeros + y` (an accumulator started with zeros): y itself, or -y
+            if sign_b == 1.0:
+                return LinearOp("identity", [b], member=node.name)
+            return LinearOp("scale", [b], scale=torch.tensor(sign_b, dtype=torch.float64), member=node.name)
+        if ta and tb and _zeros_like_result(b, node) and _zeros_like_result(a, node, zeros=False):
+            return LinearOp("identity", [a], member=node.name)  # y + 0, y - 0
         if ta and tb:
             if shape_of(a) != shape_of(node) or shape_of(b) != shape_of(node):
                 return None  # broadcasting between tensors is not a sum of maps on one value
@@ -525,6 +652,18 @@ def _as_stored(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
     weight = weight.detach()
     b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None else bias.detach()
     return affine.AffineConv(weight, b, stride, padding, dilation, groups, padding_mode)
+
+
+def _zeros_like_result(value: torch.fx.Node, result: torch.fx.Node, zeros: bool = True) -> bool:
+    """Has `value` the shape and dtype of `result` (and, when `zeros`, is it a tensor of zeros made
+    from a shape)? Only then does adding it change nothing but the tensor's identity."""
+    if shape_of(value) != shape_of(result) or dtype_of(value) != dtype_of(result):
+        return False
+    if not zeros:
+        return True
+    if value.op == "call_function" and value.target in _ZEROS_FUNCS:
+        return not any(k in value.kwargs for k in ("out", "requires_grad"))
+    return value.op == "call_method" and value.target in _ZEROS_METHODS
 
 
 def _is_float(node: torch.fx.Node) -> bool:
