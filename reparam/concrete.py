@@ -220,19 +220,28 @@ def outcome_matters(frame, instructions, index: int, decided: bool) -> bool:
     return destination(i, bool(value) == then.opname.endswith("IF_TRUE")) != here
 
 
-def reads_requires_grad(node: torch.fx.Node) -> bool:
-    """Does the condition computed by `node` read some value's `requires_grad`?"""
+def _condition_reads(node: torch.fx.Node, reads) -> bool:
+    """Does the metadata condition computed by `node` contain a node for which `reads` is true?
+    (`len(...)` of a shape is its rank, and not looked into.)"""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target is getattr and n.args[1:] == ("requires_grad",):
+        if n.op == "call_function" and n.target is len:
+            continue
+        if reads(n):
             return True
         if n.op in ("call_function", "call_method") and metadata_sources(n) is not None:
             stack.extend(n.all_input_nodes)
     return False
+
+
+def reads_requires_grad(node: torch.fx.Node) -> bool:
+    """Does the condition computed by `node` read some value's `requires_grad`?"""
+    return _condition_reads(node, lambda n: n.op == "call_function" and n.target is getattr
+                            and n.args[1:] == ("requires_grad",))
 
 
 _SIZE_ATTRS = {"shape"}
@@ -250,19 +259,7 @@ def _reads_size_here(n: torch.fx.Node) -> bool:
 def reads_sizes(node: torch.fx.Node) -> bool:
     """Does the condition computed by `node` read some value's sizes (its rank aside:
     `len(x.shape)` is the rank)?"""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target is len:
-            continue  # `len(x.shape)`, `len(x.size())`: the rank
-        if _reads_size_here(n):
-            return True
-        if n.op in ("call_function", "call_method") and metadata_sources(n) is not None:
-            stack.extend(n.all_input_nodes)
-    return False
+    return _condition_reads(node, _reads_size_here)
 
 
 def _is_a_size(n) -> bool:

@@ -18,16 +18,7 @@ from torch import nn
 import reparam
 from reparam.measure import unaccounted_linear_ops
 
-from .helpers import assert_close_float32, assert_same, call_targets, n_bns, n_convs, rbn
-
-
-def fuse64(model: nn.Module, *inputs) -> torch.fx.GraphModule:
-    model = model.double().eval()
-    fused = reparam.fuse(model, inputs if len(inputs) > 1 else inputs[0])
-    assert unaccounted_linear_ops(fused) == []
-    for x in (inputs, tuple(torch.randn_like(t) for t in inputs)):
-        assert_same(model, fused, *x, rel=1e-12)
-    return fused
+from .helpers import assert_close_float32, assert_same, call_targets, fuse64, n_bns, n_convs, rbn
 
 
 def refusals_naming(fused, name: str) -> list[str]:

@@ -20,19 +20,10 @@ import reparam
 from reparam.measure import unaccounted_linear_ops
 from reparam.passes.transposed import scaled_transposed_conv
 
-from .helpers import assert_close_float32, assert_same, modules_of, n_bns, n_convs, rbn
+from .helpers import assert_close_float32, assert_same, fuse64, modules_of, n_bns, n_convs, rbn
 
 TRANSPOSED_FOR = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 TRANSPOSED_TYPES = tuple(TRANSPOSED_FOR.values())
-
-
-def fuse64(model: nn.Module, *inputs) -> torch.fx.GraphModule:
-    model = model.double().eval()
-    fused = reparam.fuse(model, inputs if len(inputs) > 1 else inputs[0])
-    assert unaccounted_linear_ops(fused) == []
-    for x in (inputs, tuple(torch.randn_like(t) for t in inputs)):
-        assert_same(model, fused, *x, rel=1e-12)
-    return fused
 
 
 def n_transposed(gm) -> int:
