@@ -35,12 +35,13 @@ def count_params(module: nn.Module) -> int:
 
 def _linear_ops(gm: torch.fx.GraphModule):
     """(node, macs per output element, weight elements, grouped) for every op the rules count."""
+    modules = dict(gm.named_modules())  # one walk, not a dotted-path look-up per call
     for node in gm.graph.nodes:
         out = shape_of(node)
         if out is None or len(out) == 0:
             continue
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
+            m = modules[node.target]
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 cin_g = m.in_channels // m.groups
                 yield node, cin_g * math.prod(m.kernel_size), m.weight.numel(), cin_g < affine.GROUPED_BELOW
