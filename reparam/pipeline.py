@@ -332,6 +332,11 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
 
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
+    if "forward" in vars(module):
+        # `self.forward = self.forward_layer_scale` in __init__ (FasterNet, mmcv): torch.fx traces
+        # the class's forward, not the one this module runs.
+        reason = "its forward is replaced on the instance (self.forward = ...), which torch.fx does not trace"
+        raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason)
     gm, failed = trace(module, inputs)
     try:
         _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)

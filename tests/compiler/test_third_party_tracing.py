@@ -355,3 +355,36 @@ def test_contiguous_after_a_transpose_stays_and_after_a_conv_folds():
     # The shuffle's contiguous() stays (the view after it needs it); the one after conv2 goes.
     assert sum(n.target == "contiguous" for n in fused.graph.nodes) == 1
     assert n_convs(fused) == 2 and n_bns(fused) == 0  # bn after the shuffle moves before it, into conv
+
+
+class LayerScaleSwitch(nn.Module):
+    """FasterNet's MLPBlock: `forward` is chosen in __init__ and set on the instance."""
+
+    def __init__(self, c=8, layer_scale=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), rbn(2 * c), nn.ReLU(),
+                                 nn.Conv2d(2 * c, c, 1, bias=False))
+        self.layer_scale = nn.Parameter(torch.rand(c) + 0.5)
+        if layer_scale:
+            self.forward = self.forward_layer_scale
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+    def forward_layer_scale(self, x):
+        return x + self.layer_scale.unsqueeze(-1).unsqueeze(-1) * self.mlp(x)
+
+
+def test_a_forward_set_on_the_instance_is_the_one_fused():
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    model = LayerScaleSwitch().double().eval()
+    # As the model itself: torch.fx would trace the class's forward; its children are fused instead.
+    fused = reparam.fuse(model, x)
+    assert "replaced on the instance" in fused.report.leaves[0].reason
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # folded into mlp's conv
+    assert_same(model, fused, x)
+    # Inside a model, the call runs the instance's forward, and the whole block fuses.
+    outer = nn.Sequential(LayerScaleSwitch(), nn.ReLU()).double().eval()
+    fused = reparam.fuse(outer, x)
+    assert not fused.report.leaves and n_bns(fused) == 0 and n_convs(fused) == 2
+    assert_same(outer, fused, x)
