@@ -264,11 +264,15 @@ def test_fused_away_structures_leave_nothing_to_account_for():
     """The maps across a concatenation and a split fold into the convs; the position code stays."""
     torch.manual_seed(0)
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
-    for model, bns in ((CatThenNorm(4), 0), (GatedSplit(4), 0)):
-        fused = reparam.fuse(model.double().eval(), x)
-        assert n_bns(fused) == bns
-    fused = reparam.fuse(FourierPosition(8).double().eval(), x.new_zeros(1, 8, 6, 6).normal_())
+    for model, convs in ((CatThenNorm(4).double().eval(), 2), (GatedSplit(4).double().eval(), 1)):
+        fused = reparam.fuse(model, x)
+        assert n_bns(fused) == 0 and n_convs(fused) == convs and unaccounted_linear_ops(fused) == []
+        assert_same(model, fused, x)
+    model, x = FourierPosition(8).double().eval(), x.new_zeros(1, 8, 6, 6).normal_()
+    fused = reparam.fuse(model, x)
     assert n_bns(fused) == 0 and n_convs(fused) == 2  # dw conv+BN fused; the projection of the code kept
+    assert unaccounted_linear_ops(fused) == []
+    assert_same(model, fused, x)
 
 
 def test_the_helper_finds_a_sum_left_unexplained():

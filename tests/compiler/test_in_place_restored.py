@@ -141,7 +141,7 @@ class SharedAct(nn.Module):
 def test_a_shared_activation_module_runs_in_place_only_where_it_may():
     model, fused, x = fused64(SharedAct(), torch.randn(2, 8, 7, 7))
     assert fused.act.inplace is False  # its call on the input stays out of place
-    (node,) = [fused.graph.find_nodes(op="call_function", target=F.relu)[0]]
+    (node,) = fused.graph.find_nodes(op="call_function", target=F.relu)
     assert node.kwargs == {"inplace": True} and node.args[0].target == "conv"
     x_before = x.clone()
     assert_same(model, fused, x)

@@ -228,13 +228,8 @@ def test_rank_dtype_and_device_branches_are_guarded():
         fused(x[0])
 
 
-class PadToEven(nn.Module):
+class PadToEven(ShapeDispatch):
     """Window attention's padding: a branch on a size, which differs from input to input."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = FrozenBatchNorm2d(c)
 
     def forward(self, x):
         if x.shape[-1] % 2 == 1:
