@@ -188,11 +188,11 @@ def _check_inputs(example_input, name: str) -> tuple[torch.Tensor, ...]:
 def _private_copy(model: nn.Module, name: str) -> nn.Module:
     # Plain parameters and buffers are cloned up front: copy.deepcopy's generic path for tensors
     # is a large share of the copying time. Shared tensors stay shared in the copy.
-    memo: dict[int, torch.Tensor] = {}
+    memo: dict = {}
     for m in model.modules():  # one walk over the modules (`parameters()` and `buffers()` are one each)
         for p in m._parameters.values():
             if type(p) is nn.Parameter and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
         for b in m._buffers.values():
             if type(b) is torch.Tensor and id(b) not in memo:
                 memo[id(b)] = b.detach().clone()
@@ -201,15 +201,26 @@ def _private_copy(model: nn.Module, name: str) -> nn.Module:
     except Exception as exc:
         raise InputError(f"cannot copy {name} with copy.deepcopy ({type(exc).__name__}: {exc}); reparam "
                          "works on a copy so that the caller's model is never modified") from exc
-    work.eval()
-    for m in work.modules():  # the copy is an inference model: no hooks fire from it
-        for hooks in _DROPPED_HOOKS:
-            if isinstance(getattr(m, hooks, None), OrderedDict):
-                getattr(m, hooks).clear()
-        for p in m._parameters.values():
-            if p is not None:
-                p.requires_grad_(False)
+    if _GENERIC in memo:
+        # Some module was copied by copy.deepcopy or trains in its own way (a `train` of its
+        # own): the copy is made an inference model by the walk those need. (`_copy_module` did
+        # this already for every other module while copying it.)
+        work.eval()
+        copies = [v for v in memo.values() if isinstance(v, nn.Module)]  # also those in plain lists
+        for m in copies:
+            if m.training:
+                m.eval()
+        for m in copies:  # no hooks fire from the copy
+            for hooks in _DROPPED_HOOKS:
+                if isinstance(getattr(m, hooks, None), OrderedDict):
+                    getattr(m, hooks).clear()
+            for p in m._parameters.values():
+                if p is not None:
+                    p.requires_grad_(False)
     return work
+
+
+_GENERIC = "generic copy"  # a memo key (not an id) set when the fast path did not cover a module
 
 
 # Hooks the private copy drops (it is an inference model: none fire from it).
@@ -223,28 +234,32 @@ _plain_classes: dict[type, bool] = {}
 
 def _copies_like_a_module(cls: type) -> bool:
     """Does `copy.deepcopy` copy instances of `cls` exactly as `nn.Module`'s defaults say (no
-    class of its own customizes copying or pickling, no `__slots__`)?"""
+    class of its own customizes copying or pickling, no `__slots__`), and does `eval()` only set
+    its `training` flag (no `train` or `eval` of its own)?"""
     plain = _plain_classes.get(cls)
     if plain is None:
         own = [c for c in cls.__mro__ if c not in (nn.Module, object)]
-        plain = (not any(name in c.__dict__ for c in own for name in (*_COPY_PROTOCOL, "__slots__"))
+        plain = (not any(name in c.__dict__ for c in own for name in (*_COPY_PROTOCOL, "__slots__", "train", "eval"))
                  and cls not in copyreg.dispatch_table and type(cls) is type)
         _plain_classes[cls] = plain
     return plain
 
 
 def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
-    """`copy.deepcopy(module, memo)`, minus the hooks, without deepcopy's generic path per module.
+    """`copy.deepcopy(module, memo)` in eval mode, minus the hooks, without deepcopy's generic
+    path per module.
 
     What `copy.deepcopy` would do for a module whose class does not customize copying (a new
     instance, `__setstate__` with a deep copy of its `__dict__`), with the per-module containers
-    (parameters, buffers, submodules) copied directly and the hook dictionaries left empty. A
-    module whose class customizes copying (a GraphModule, say) is copied by `copy.deepcopy`."""
+    (parameters, buffers, submodules) copied directly, the hook dictionaries left empty and
+    `training` False. A module whose class customizes copying (a GraphModule, say) or training is
+    copied by `copy.deepcopy`, and marks `memo` for the walk that `_private_copy` then makes."""
     key = id(module)
     if key in memo:
         return memo[key]
     cls = type(module)
     if not _copies_like_a_module(cls):
+        memo[_GENERIC] = True
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[key] = new
@@ -258,7 +273,11 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
         elif name == "_modules" and type(value) is dict:
             state[name] = {k: None if m is None else _copy_module(m, memo) for k, m in value.items()}
         elif name in ("_parameters", "_buffers") and type(value) is dict:
+            if name == "_parameters" and any(t is not None and id(t) not in memo for t in value.values()):
+                memo[_GENERIC] = True  # a parameter of another class: its requires_grad is cleared later
             state[name] = {k: copy.deepcopy(t, memo) for k, t in value.items()}
+        elif name == "training":
+            state[name] = False
         else:
             state[name] = _copy_value(value, memo)
     new.__setstate__(state)
@@ -283,7 +302,11 @@ def _copy_value(value, memo: dict):
         return copied
     if isinstance(value, nn.Module):
         return _copy_module(value, memo)
-    return copy.deepcopy(value, memo)
+    known = len(memo)
+    copied = copy.deepcopy(value, memo)
+    if len(memo) > known and any(isinstance(v, nn.Module) for v in list(memo.values())[known:]):
+        memo[_GENERIC] = True  # modules inside a container: copied the generic way
+    return copied
 
 
 def _run_reference(work: nn.Module, inputs, name: str):

@@ -4,8 +4,9 @@
 Nearly all of that time is convolution arithmetic, and the compiler needs only the shapes (and the
 real inputs of untraceable submodules). So a convolution, a linear layer, an eval-mode BatchNorm
 (module or `F.batch_norm`) or an elementwise activation module may return zeros of the right shape,
-dtype, device and strides instead of its value, wherever that cannot change any shape or any value
-that is still needed:
+dtype, device and strides instead of its value (`trace.propagate_shapes` asks for them on the meta
+device, which holds no memory, and runs what consumes them there too), wherever that cannot change
+any shape or any value that is still needed:
 
 * every value computed from such a zero-filled stand-in ("tainted") must be consumed only by ops
   whose result shape depends on the shapes of their inputs alone (`_*_CONSUMERS`), and in the
@@ -220,8 +221,11 @@ def _autocast() -> bool:
 # The stand-ins: zeros of the shape the op would return, or None (run the op for real)
 # --------------------------------------------------------------------------------------------
 
-def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict):
-    """Zeros shaped like `node`'s result on these arguments, or None when anything is unusual."""
+def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs: dict, *, meta: bool = False):
+    """Zeros shaped like `node`'s result on these arguments, or None when anything is unusual.
+
+    `meta=True`: a tensor on the meta device instead (no memory at all), whose input may itself
+    be such a stand-in: `trace.propagate_shapes` runs what consumes it on the meta device too."""
     if module is not None:
         if _has_hooks(module):
             return None
@@ -230,22 +234,22 @@ def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs:
             if module.padding_mode != "zeros" or kwargs or len(args) != 1:
                 return None
             return _conv(_CONV_MODULES[kind], args[0], module.weight, module.bias, module.stride,
-                         module.padding, module.dilation, module.groups)
+                         module.padding, module.dilation, module.groups, meta)
         if kind is nn.Linear:
             if kwargs or len(args) != 1:
                 return None
-            return _linear(args[0], module.weight, module.bias)
+            return _linear(args[0], module.weight, module.bias, meta)
         if kind in _BN_MODULES:
             if kwargs or len(args) != 1 or module.training or module.running_mean is None:
                 return None
             rank = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}[kind]
             return _batch_norm(args[0], rank, module.num_features, module.weight, module.bias,
-                               module.running_mean, module.running_var)
+                               module.running_mean, module.running_var, meta)
         if kind in _ACTIVATION_MODULES:
             x = args[0] if len(args) == 1 and not kwargs else None
             if getattr(module, "inplace", False) is not False or not isinstance(x, torch.Tensor):
                 return None
-            return _zeros(x, x.shape) if _like(x) and _dense(x) else None
+            return _zeros(x, x.shape, meta) if _like(x) and _dense(x) else None
         return None
     try:
         bound = _signature(node.target).bind(*args, **kwargs)
@@ -257,14 +261,15 @@ def stand_in(node: torch.fx.Node, module: nn.Module | None, args: tuple, kwargs:
         if a.get("training", False) is not False or not isinstance(x, torch.Tensor) or not isinstance(
                 mean, torch.Tensor) or x.dim() < 2:
             return None
-        return _batch_norm(x, (x.dim(),), x.shape[1], a.get("weight"), a.get("bias"), mean, a.get("running_var"))
+        return _batch_norm(x, (x.dim(),), x.shape[1], a.get("weight"), a.get("bias"), mean, a.get("running_var"),
+                           meta)
     if node.target is F.linear:
-        return _linear(a.get("input"), a.get("weight"), a.get("bias"))
+        return _linear(a.get("input"), a.get("weight"), a.get("bias"), meta)
     nd = _CONV_FUNCTIONS.get(node.target)
     if nd is None:
         return None
     return _conv(nd, a.get("input"), a.get("weight"), a.get("bias"), a.get("stride", 1),
-                 a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+                 a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1), meta)
 
 
 _SIGNATURES: dict = {}
@@ -292,11 +297,14 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
-def _like(x: torch.Tensor, *others) -> bool:
-    """A plain floating-point tensor, and others (None allowed) of its dtype and device."""
+def _like(x: torch.Tensor, *others, meta: bool = False) -> bool:
+    """A plain floating-point tensor, and others (None allowed) of its dtype and device (with
+    `meta`, any device when `x` is a meta stand-in: the real op saw them on one device)."""
     if not _plain(x) or x.dtype not in _FLOATS:
         return False
-    return all(o is None or (_plain(o) and o.dtype == x.dtype and o.device == x.device) for o in others)
+    any_device = meta and x.is_meta
+    return all(o is None or (_plain(o) and o.dtype == x.dtype and (any_device or o.device == x.device))
+               for o in others)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -308,7 +316,9 @@ def _dense(t: torch.Tensor) -> bool:
     return t.stride() == tuple(reversed(expected))
 
 
-def _zeros(x: torch.Tensor, shape) -> torch.Tensor:
+def _zeros(x: torch.Tensor, shape, meta: bool = False) -> torch.Tensor:
+    if meta:
+        return torch.empty(shape, dtype=x.dtype, device="meta")
     return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
@@ -323,8 +333,8 @@ def _tuple(value, nd: int):
     return None
 
 
-def _conv(nd, x, weight, bias, stride, padding, dilation, groups):
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not _like(x, weight, bias):
+def _conv(nd, x, weight, bias, stride, padding, dilation, groups, meta=False):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not _like(x, weight, bias, meta=meta):
         return None
     if weight.dim() != nd + 2 or x.dim() != nd + 2 or not _dense(x) or not _dense(weight):
         return None  # unbatched inputs and other memory layouts: run it
@@ -341,7 +351,7 @@ def _conv(nd, x, weight, bias, stride, padding, dilation, groups):
     if padding == "same":
         if any(s != 1 for s in stride):
             return None
-        return _zeros(x, (n, out_channels, *x.shape[2:]))
+        return _zeros(x, (n, out_channels, *x.shape[2:]), meta)
     padding = (0,) * nd if padding == "valid" else _tuple(padding, nd)
     if padding is None or min(padding) < 0:
         return None
@@ -351,27 +361,28 @@ def _conv(nd, x, weight, bias, stride, padding, dilation, groups):
         if span < 0:
             return None
         size.append(span // s + 1)
-    return _zeros(x, (n, out_channels, *size))
+    return _zeros(x, (n, out_channels, *size), meta)
 
 
-def _linear(x, weight, bias):
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not _like(x, weight, bias):
+def _linear(x, weight, bias, meta=False):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not _like(x, weight, bias, meta=meta):
         return None
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or not _dense(x):
         return None
     if bias is not None and bias.shape != (weight.shape[0],):
         return None
-    return _zeros(x, (*x.shape[:-1], weight.shape[0]))
+    return _zeros(x, (*x.shape[:-1], weight.shape[0]), meta)
 
 
-def _batch_norm(x, ranks, features, weight, bias, mean, var):
-    if not isinstance(x, torch.Tensor) or not isinstance(var, torch.Tensor) or not _like(x, weight, bias, mean, var):
+def _batch_norm(x, ranks, features, weight, bias, mean, var, meta=False):
+    if not isinstance(x, torch.Tensor) or not isinstance(var, torch.Tensor) or not _like(
+            x, weight, bias, mean, var, meta=meta):
         return None
     if x.dim() not in ranks or x.shape[1] != features or not _dense(x):
         return None
     if any(t is not None and t.shape != (features,) for t in (weight, bias, mean, var)):
         return None
-    return _zeros(x, x.shape)
+    return _zeros(x, x.shape, meta)
 
 
 __all__ = ["shape_only_nodes", "stand_in"]

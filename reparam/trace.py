@@ -448,13 +448,18 @@ def _run(gm: torch.fx.GraphModule, node: torch.fx.Node, env: dict):
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the graph once, storing each node's tensor metadata; records leaf inputs.
 
-    The nodes in `shape_only` return zeros of the shape of their value (see `shape_rules`)."""
+    The nodes in `shape_only` return stand-ins of the shape of their value on the meta device
+    (see `shape_rules`): no memory, no arithmetic. What consumes them runs on the meta device too
+    (the real tensors it also reads are given as meta tensors, a module with weights gets zeros
+    instead), so the stand-ins' consumers, large elementwise sums and scales on activations, cost
+    only their bookkeeping. A device query (`x.device`) of such a value answers the real device."""
 
     def __init__(self, gm: torch.fx.GraphModule, leaves: set[str], shape_only: set[torch.fx.Node] = frozenset()):
         super().__init__(gm)
         self.leaves = leaves
         self.shape_only = shape_only
         self.leaf_inputs: dict[torch.fx.Node, tuple] = {}
+        self.real_device: dict[torch.fx.Node, torch.device] = {}  # of the nodes whose value is a meta stand-in
 
     def fetch_attr(self, target: str):
         # Submodules (and the modules holding parameters and buffers) from the table the
@@ -487,9 +492,15 @@ class _ShapeRecorder(torch.fx.Interpreter):
         elif n in self.shape_only:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             module = self.fetch_attr(n.target) if n.op == "call_module" else None
-            result = stand_in(n, module, args, kwargs)
+            result = stand_in(n, module, args, kwargs, meta=True)
+            if result is not None:
+                self.real_device[n] = self._device_of(n, module, args, kwargs)
         if result is None:
-            result = super().run_node(n)
+            stand_ins = [a for a in n.all_input_nodes if a in self.real_device] if self.real_device else ()
+            if stand_ins:
+                result = self._run_on_meta(n, stand_ins)
+            else:
+                result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _meta(result)
             n.meta["reparam_shape"] = tuple(result.shape)
@@ -497,6 +508,139 @@ class _ShapeRecorder(torch.fx.Interpreter):
             n.meta.pop("tensor_meta", None)
             n.meta.pop("reparam_shape", None)
         return result
+
+    def _device_of(self, n: torch.fx.Node, module, args, kwargs) -> torch.device:
+        """The device `n`'s value would be on: that of the module's weights or of its real tensor
+        arguments, else that of the stand-in it reads."""
+        if module is not None:
+            for t in (*module._parameters.values(), *module._buffers.values()):
+                if t is not None:
+                    return t.device
+        for t in _tensors((args, kwargs)):
+            if not t.is_meta:
+                return t.device
+        return next(self.real_device[a] for a in n.all_input_nodes if a in self.real_device)
+
+    def _run_on_meta(self, n: torch.fx.Node, stand_ins: list):
+        """Run a node that reads stand-ins: sums, products and views on the meta device, anything
+        else for real on zeros. (torch's meta kernels for most other ops are written in Python:
+        the first of them costs seconds of set-up and each one more than running it.)"""
+        if n.op == "output":
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        device = self.real_device[stand_ins[0]]
+        if is_shape_query(n):
+            if _asks_device(n):  # the real device, not "meta"
+                real = torch.empty(0, device=device)
+                if n.op == "call_function":
+                    return getattr(real, args[1])
+                return getattr(real, n.target)(*args[1:], **kwargs)
+            return getattr(self, n.op)(n.target, args, kwargs)
+        result = _elementwise_on_meta(n, args, kwargs)
+        if result is None and _is_view(n, args, kwargs):
+            result = getattr(self, n.op)(n.target, args, kwargs)
+        if result is None:  # zeros in place of the stand-ins (their values never matter)
+            args, kwargs = _on_real_device((args, kwargs), device)
+            return getattr(self, n.op)(n.target, args, kwargs)
+        if isinstance(result, torch.Tensor) and result.is_meta:
+            self.real_device[n] = device
+        elif isinstance(result, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.is_meta for t in result):
+            self.real_device[n] = device  # chunk, split, unbind: their items are read by getitem
+        return result
+
+
+# Views of one tensor: their meta results are computed in C++ (strides and sizes only).
+_VIEW_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "unsqueeze", "squeeze",
+                 "expand", "contiguous", "chunk", "split", "unbind", "view_as", "reshape_as", "expand_as"}
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
+                   torch.chunk, torch.split, torch.unbind, operator.getitem}
+
+
+def _is_view(n: torch.fx.Node, args: tuple, kwargs: dict) -> bool:
+    if n.op == "call_method":
+        if n.target not in _VIEW_METHODS:
+            return False
+    elif n.op != "call_function" or n.target not in _VIEW_FUNCTIONS:
+        return False
+    if not args or not isinstance(args[0], (torch.Tensor, tuple, list)):
+        return False
+    if isinstance(args[0], (tuple, list)):  # an item of chunk/split/unbind's result
+        return n.target is operator.getitem and isinstance(args[1], int) and all(
+            isinstance(t, torch.Tensor) and t.is_meta for t in args[0])
+    if n.target in ("view_as", "reshape_as", "expand_as"):
+        return True  # the other tensor gives only its shape, on whichever device
+    return args[0].is_meta and not _tensors((args[1:], kwargs))  # tensor indices and the like: run for real
+
+
+_SUMS_AND_PRODUCTS = {operator.add: False, operator.sub: False, operator.mul: False, operator.truediv: False,
+                      torch.add: False, torch.sub: False, torch.mul: False, torch.div: False,
+                      operator.iadd: True, operator.isub: True, operator.imul: True, operator.itruediv: True,
+                      "add": False, "sub": False, "mul": False, "div": False,
+                      "add_": True, "sub_": True, "mul_": True, "div_": True}
+
+
+def _elementwise_on_meta(n: torch.fx.Node, args: tuple, kwargs: dict):
+    """The meta result of a sum, difference, product or quotient of contiguous tensors (or of a
+    tensor and a number), or None. torch computes meta results of these in Python, at the cost of
+    running them on small tensors; their shape, dtype and (dense) layout follow from broadcasting."""
+    if kwargs or len(args) != 2 or n.op not in ("call_function", "call_method"):
+        return None
+    in_place = _SUMS_AND_PRODUCTS.get(n.target)
+    if in_place is None:
+        return None
+    a, b = args
+    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+    if not isinstance(a, torch.Tensor) or any(not isinstance(t, (torch.Tensor, int, float)) or isinstance(t, bool)
+                                              for t in args):
+        return None
+    if any(not t.is_contiguous() or t.is_sparse or t.is_complex() for t in tensors):
+        return None
+    dtype = torch.result_type(a, b)
+    if not dtype.is_floating_point:
+        return None  # integer quotients and the like: let torch decide
+    shape = _broadcast(tensors)
+    if shape is None:
+        return None
+    if in_place:
+        if shape != a.shape or not torch.can_cast(dtype, a.dtype) or not a.is_meta:
+            return None
+        return a
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _broadcast(tensors) -> torch.Size | None:
+    """The broadcast shape of `tensors` (torch's own is written in Python and costs more), or None."""
+    ndim = max(t.dim() for t in tensors)
+    sizes = [1] * ndim
+    for t in tensors:
+        for i, size in enumerate(t.shape, start=ndim - t.dim()):
+            if size != sizes[i]:
+                if sizes[i] != 1 and size != 1:
+                    return None
+                if size != 1:
+                    sizes[i] = size
+    return torch.Size(sizes)
+
+
+def _tensors(tree):
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _on_real_device(tree, device):
+    def real(t):
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
+        return t
+    return torch.utils._pytree.tree_map(real, tree)
+
+
+_DEVICE_QUERIES = {"device", "is_cuda", "is_meta", "is_cpu", "get_device"}
+
+
+def _asks_device(n: torch.fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.args[1] in _DEVICE_QUERIES
+    return n.op == "call_method" and n.target in _DEVICE_QUERIES
 
 
 _NOTHING_TO_RECORD = contextlib.nullcontext()

@@ -100,6 +100,34 @@ def test_private_copy_respects_a_custom_deepcopy():
     assert work[0].copied and not model[0].copied
 
 
+class FreezesItsNorm(nn.Module):
+    """A `train` of its own (frozen norms, as detection backbones write it): `eval()` must call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.calls = []
+
+    def train(self, mode=True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+def test_private_copy_is_in_eval_mode_everywhere_without_hooks_or_gradients():
+    listed = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(FreezesItsNorm(), CopiesItself(), nn.BatchNorm2d(3))
+    model.extra = [listed]  # a module in a plain list: copied by copy.deepcopy
+    model[2].register_forward_pre_hook(lambda *a: None)
+    model[1].conv.register_forward_hook(lambda *a: None)
+    work = _private_copy(model, "Sequential")
+    assert work[0].calls[-1] is False and model[0].training  # its own train(False) ran on the copy only
+    modules = [*work.modules(), *work.extra]
+    assert not any(m.training for m in modules) and all(m.training for m in [*model.modules(), listed])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert not any(p.requires_grad for m in modules for p in m.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_float32_source_is_known_only_while_the_values_are_the_same():
     p = torch.randn(4, 3, 3, 3)
     wide = affine.widened(p)

@@ -313,6 +313,67 @@ def test_leaf_inputs_are_real():
     assert {n.target for n in skipped} == {"side"}
 
 
+class OnTheMetaDevice(nn.Module):
+    """What consumes stand-ins runs on the meta device: sums and products with numbers, parameters
+    and 0-d tensors, in place and not, strided views, norms with weights of their own (they read
+    zeros), and device queries that must answer the real device."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Conv2d(3, c, 1)
+        self.ln = nn.LayerNorm(c)
+        self.gn = nn.GroupNorm(2, c)
+        self.pool = nn.AvgPool2d(2)
+        self.gamma = nn.Parameter(torch.randn(c, 1, 1))
+        self.register_buffer("scale", torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        y = self.a(x)
+        z = 1.0 - self.b(x) * 0.5
+        z = z / 3 + self.gamma * y
+        z += y
+        z = z.mul(self.scale.float())
+        t = self.ln(z.permute(0, 2, 3, 1))  # a strided view, then a norm with weights
+        z = z + t.permute(0, 3, 1, 2)  # strided + contiguous: torch's own meta rule
+        mask = torch.ones(z.shape[1], device=z.device)  # a real tensor built from a device query
+        z = self.gn(z) * mask.view(1, -1, 1, 1)
+        return self.pool(z).mean((2, 3))
+
+
+def test_consumers_of_stand_ins_match_real_execution():
+    gm, skipped = _both_ways(OnTheMetaDevice(), torch.randn(2, 3, 6, 6))
+    assert {n.target for n in skipped if n.op == "call_module"} == {"a", "b"}
+
+
+def test_no_arithmetic_runs_on_the_meta_device():
+    """torch's meta kernels for arithmetic are written in Python: the first costs seconds of
+    set-up. Stand-ins and their sums and views are made directly; anything else runs on zeros."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if kwargs.get("device") == torch.device("meta") or any(
+                    isinstance(t, torch.Tensor) and t.is_meta for t in torch.utils._pytree.tree_leaves((args, kwargs))):
+                self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **kwargs)
+
+    for model in (OnTheMetaDevice(), Mixed()):
+        gm, failed = trace(model.eval())
+        with Record() as record:
+            propagate_shapes(gm, (torch.randn(2, 3, 12, 10),), set(failed), values=False)
+        assert record.ops, "stand-ins are meta tensors"
+        views = {"empty", "view", "permute", "transpose", "expand", "unsqueeze", "squeeze", "slice", "select",
+                 "split", "split_with_sizes", "unbind", "chunk", "_unsafe_view", "clone", "t", "alias", "as_strided",
+                 "_to_copy", "empty_strided", "copy_", "detach", "reshape", "flatten", "unflatten"}
+        assert record.ops <= views, record.ops - views
+
+
 def _fuse_both_ways(model, x, monkeypatch):
     """`fuse` as it is, and with every value computed; the two must agree exactly."""
     import reparam.pipeline as pipeline
@@ -337,7 +398,7 @@ def _random_biases(model):
     return model
 
 
-@pytest.mark.parametrize("make", [WithLeaf, RealMemoryUpdated, Mixed, SumInPlace])
+@pytest.mark.parametrize("make", [WithLeaf, RealMemoryUpdated, Mixed, SumInPlace, OnTheMetaDevice])
 def test_fuse_gives_the_same_result_as_with_real_values(make, monkeypatch):
     fused = _fuse_both_ways(_random_biases(make()), torch.randn(1, 3, 6, 6), monkeypatch)
     if make is WithLeaf:
