@@ -292,7 +292,13 @@ class LinearFormPass:
         self.alternative_sources: set[torch.fx.Node] = set()
         # Partial sums that feed a sum: their branches and the names of the additions so far.
         self.sum_terms: dict[torch.fx.Node, tuple[list[Term], tuple[str, ...]]] = {}
-        self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
+        # Values whose shape is read beyond the layout steps after them: the operator before those
+        # steps must stay there (`_move_after_before`), so that its output keeps their shape.
+        self.pinned: set[torch.fx.Node] = set()
+        # Metadata reads of values absorbed into a layout chain, served at lowering by the value
+        # computed at a point of the chain with the same metadata: the operator's output (keyed by
+        # the node the first layout step reads) or a replayed layout step (keyed by its node).
+        self.chain_reads: dict[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
         self.sum_parts: dict[torch.fx.Node, list[SumPart]] = {}  # sums computed as several parts
         self._index = {n: i for i, n in enumerate(gm.graph.nodes)}
         # Per-channel maps with several readers: why they cannot fold into all of them (None: they
@@ -407,11 +413,21 @@ class LinearFormPass:
                 return None
             return f"{later[0].name} reads its shape and is needed to compute {consumer.name}"
         rule = self.classify(consumer)
-        if rule is not None and rule.kind == "layout" and not form.after and all(
-                r.op == "call_method" and r.target in SHAPE_FROM_SECOND and v is node for r, v in reads):
-            return None  # `y.reshape_as(node)` after layout steps: served by the op's output
+        if rule is not None and rule.kind == "layout" and self._chain_point(node) is not None:
+            return None  # served by the lowered chain's value at `node`'s place (`absorb`)
         return (f"{reads[0][0].name} reads its shape, and {consumer.name}, which would absorb it, has "
                 "a different shape")
+
+    def _chain_point(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The point of `node`'s form whose lowered value has `node`'s metadata, for a layout step
+        absorbing `node`: the operator's output (`node` itself, when no layout step follows the
+        operator yet: `b, n, c = linear(x).shape`), or the last layout step (per-channel maps
+        after it keep its shape: `m, c = bn(y.reshape(b * n, c)).shape`). None if there is none."""
+        form = self.forms[node]
+        if not form.after:
+            return node
+        last = form.after[-1].node
+        return last if self._same_metadata(last, node) else None
 
     def _is_ancestor(self, a: torch.fx.Node, b: torch.fx.Node) -> bool:
         """Is `b` computed from `a`? (Searches forward from `a`, no further than `b`.)"""
@@ -489,8 +505,12 @@ class LinearFormPass:
                 self.rewire[reader] = (value, form.source)  # reader -> (node it read, node it reads now)
         elif self._same_metadata(consumer, node):
             self.carried_reads.setdefault(consumer, []).extend(reads)
-        else:  # `y.reshape_as(node)` further down a layout chain: `op`'s output must stay node-shaped
-            self.pinned.add(node)
+        else:
+            # A layout step absorbs `node` (`b, n, c = y.shape; bn(y.reshape(b * n, c))`, or
+            # `y.reshape_as(node)` further down): the reads take the chain's value at `node`'s
+            # place when it is lowered, so the operator must stay before the layout steps.
+            self.pinned.add(form.after[0].node.args[0] if form.after else node)
+            self.chain_reads.setdefault(self._chain_point(node), []).extend(reads)
 
     def identity_form(self, node: torch.fx.Node, axis: int) -> Form | None:
         shape = shape_of(node)
@@ -743,6 +763,17 @@ class LinearFormPass:
                 return rule is not None and rule.kind in ("affine", "scale", "shift")
         return False
 
+    def _reaches_per_channel(self, node) -> bool:
+        """Does `node` feed a per-channel map (a norm, a scale) through identities and layout
+        steps only?"""
+        for _ in range(PER_CHANNEL_LOOKAHEAD):
+            node = self._single_user(node)
+            rule = self.classify(node) if node is not None else None
+            if rule is None or rule.kind not in ("identity", "layout"):
+                return rule is not None and (rule.kind in ("scale", "shift")
+                                             or (rule.kind == "affine" and rule.op.is_per_channel))
+        return False
+
     def _single_user(self, node):
         users = self._real_users(node)
         return users[0] if len(users) == 1 else None
@@ -960,7 +991,10 @@ class LinearFormPass:
                     self.refuse(", ".join(self.forms[x].members + (rule.member,)), f"kept apart: {problem}")
             return None
         form = self.forms[x]
-        if not form.op.is_pointwise:
+        # A per-channel map further on commutes back through the layout steps onto any operator
+        # (`B, C, H, W = y.shape; bn1d(conv(x).view(B, C, -1))`); only a pointwise operator moves
+        # across them to a linear operation.
+        if not form.op.is_pointwise and not self._reaches_per_channel(node):
             if self._reaches_linear(node):
                 self.refuse(", ".join(form.members + (rule.member,)),
                             f"kept apart: {form.op.describe()} is not pointwise, so it cannot move across "

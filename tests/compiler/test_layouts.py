@@ -47,14 +47,7 @@ class LinearNorm(nn.Module):
 SPELLINGS = ["reshape_as", "view_as", "view_shape", "reshape_bnc", "unflatten"]
 
 
-# Sizes read from `x.shape` of the Linear's output keep the BatchNorm apart (as a channel affine
-# beside the Linear): the report names the shape read; folding needs that read served by the
-# lowered Linear's output.
-_SHAPE_READ = pytest.mark.xfail(strict=True, reason="the shape read of the Linear's output keeps the norm apart")
-
-
-@pytest.mark.parametrize("spelling", [s if s in ("reshape_as", "view_as") else pytest.param(s, marks=_SHAPE_READ)
-                                      for s in SPELLINGS])
+@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_batchnorm_over_batch_and_tokens_folds_into_the_linear(spelling):
     torch.manual_seed(0)
     model = nn.Sequential(LinearNorm(8, 12, spelling), nn.GELU(), LinearNorm(12, 6, spelling)).double().eval()
