@@ -22,7 +22,10 @@ nothing is ever computed and the refusal stands.
 Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
 are not uses: when a value disappears into a fused operator, its readers read a value with the
 same metadata instead (the source, or the value that absorbs it), moved after that value if
-needed; where no such value exists the value stays, and the refusal says so.
+needed; where no such value exists the value stays, and the refusal says so. Inside a chain of
+layout steps (`b, n, c = y.shape; bn(y.reshape(b * n, c)).reshape(b, n, c)`) the reads take the
+lowered chain's value at the read value's place (the fused operator's output, or a replayed
+layout step), so sizes are always those of the actual input, never the example's.
 
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
@@ -693,6 +696,9 @@ class LinearFormPass:
                 return replace(form, op=affine.compose(widened_op(inner), form.op)), "", False
             moved = self._move_after_before(form)
             if moved is None:
+                if form.after[0].node.args[0] in self.pinned:
+                    return None, ("the layout change between the two operators reads the shape of the first "
+                                  "one's output, which would no longer be computed"), False
                 return None, "a layout change between the two operators cannot be moved before the first", False
             form = moved
         reason = affine.compose_refusal(op, form.op)

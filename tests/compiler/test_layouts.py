@@ -217,3 +217,69 @@ def test_sizes_that_split_the_channels_keep_the_norm_apart():
         fused.report.refusals
     assert_same(model, fused, x)
     assert_same(model, fused, torch.randn(3, 3, 6, 7, dtype=torch.float64))
+
+
+def test_linear_after_a_chain_that_reads_the_first_linears_shape_stays_apart():
+    """`b, n, c = y.shape; lin2(bn(y.reshape(b * n, c)).reshape(b, n, c))`: the norm folds into the
+    first Linear, but the second cannot join it (the reshapes need the first one's output shape),
+    and the report says why."""
+
+    class TwoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.bn, self.linear2 = nn.Linear(8, 12), bn1d(12), nn.Linear(12, 6)
+
+        def forward(self, x):
+            y = self.linear1(x)
+            b, n, c = y.shape
+            return self.linear2(self.bn(y.reshape(b * n, c)).reshape(b, n, c))
+
+    torch.manual_seed(7)
+    model = TwoLinears().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    fused = reparam.fuse(model, x)
+    assert len(modules_of(fused, (nn.Linear,))) == 2
+    assert not modules_of(fused, (nn.BatchNorm1d, ChannelAffine))
+    assert [r.reason for r in fused.report.refusals] == [
+        "the layout change between the two operators reads the shape of the first one's output, which would no "
+        "longer be computed"]
+    assert unaccounted_linear_ops(fused) == []
+    assert_same(model, fused, x)
+    assert_same(model, fused, torch.randn(3, 7, 8, dtype=torch.float64))
+
+
+def _timm():
+    from reparam.optional import MissingExtra, install_command, require
+
+    try:
+        return require("timm", "the timm block tests")
+    except MissingExtra:
+        pytest.skip(f"timm is not installed: {install_command('timm')}")
+
+
+# Attention blocks that read their input's shape (`B, C, H, W = x.shape`) around conv + BatchNorm
+# projections and reshape by those sizes. (EfficientFormerV2's, alike, costs seconds in float64.)
+TIMM_BLOCKS = [
+    ("levit_conv_128s", lambda m: m.stages[0].blocks[0], (1, 128, 14, 14)),
+]
+
+
+@pytest.mark.parametrize("name,part,shape", TIMM_BLOCKS, ids=[b[0] for b in TIMM_BLOCKS])
+def test_timm_attention_blocks_reading_shapes_fold_their_norms(name, part, shape):
+    timm = _timm()
+    torch.manual_seed(0)
+    block = part(timm.create_model(name, pretrained=False))
+    for bn in block.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            randomize_bn(bn)
+    block = block.double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    fused = reparam.fuse(block, x)
+    assert not modules_of(fused, (nn.modules.batchnorm._BatchNorm, ChannelAffine))
+    # Every conv + BatchNorm became one conv; nothing else merges (attention sits between them).
+    assert len(modules_of(fused, (nn.Conv2d,))) == sum(isinstance(m, nn.Conv2d) for m in block.modules())
+    # The attention biases (added to the scores) are the only refusal.
+    assert [r.reason for r in fused.report.refusals] == ["the constant varies along several axes: not a per-channel map"]
+    assert unaccounted_linear_ops(fused) == []
+    assert_same(block, fused, x)
+    assert_same(block, fused, torch.randn(2, *shape[1:], dtype=torch.float64))  # another batch size
