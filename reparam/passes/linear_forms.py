@@ -513,7 +513,10 @@ class LinearFormPass:
             # `y.reshape_as(node)` further down): the reads take the chain's value at `node`'s
             # place when it is lowered, so the operator must stay before the layout steps.
             self.pinned.add(form.after[0].node.args[0] if form.after else node)
-            self.chain_reads.setdefault(self._chain_point(node), []).extend(reads)
+            rule = self.classify(consumer)
+            point = self._chain_point(node) if rule is not None and rule.kind == "layout" else None
+            if point is not None:
+                self.chain_reads.setdefault(point, []).extend(reads)
 
     def identity_form(self, node: torch.fx.Node, axis: int) -> Form | None:
         shape = shape_of(node)
