@@ -22,7 +22,10 @@ nothing is ever computed and the refusal stands.
 Reads of metadata (`x.shape`, `x.ndim`, `x.size(1)`, `x.dtype`, `torch._assert(x.ndim == 4)`...)
 are not uses: when a value disappears into a fused operator, its readers read a value with the
 same metadata instead (the source, or the value that absorbs it), moved after that value if
-needed; where no such value exists the value stays, and the refusal says so.
+needed; where no such value exists the value stays, and the refusal says so. Inside a chain of
+layout steps (`b, n, c = y.shape; bn(y.reshape(b * n, c)).reshape(b, n, c)`) the reads take the
+lowered chain's value at the read value's place (the fused operator's output, or a replayed
+layout step), so sizes are always those of the actual input, never the example's.
 
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
@@ -292,7 +295,13 @@ class LinearFormPass:
         self.alternative_sources: set[torch.fx.Node] = set()
         # Partial sums that feed a sum: their branches and the names of the additions so far.
         self.sum_terms: dict[torch.fx.Node, tuple[list[Term], tuple[str, ...]]] = {}
-        self.pinned: set[torch.fx.Node] = set()  # values whose shape a later reshape_as reads
+        # Values whose shape is read beyond the layout steps after them: the operator before those
+        # steps must stay there (`_move_after_before`), so that its output keeps their shape.
+        self.pinned: set[torch.fx.Node] = set()
+        # Metadata reads of values absorbed into a layout chain, served at lowering by the value
+        # computed at a point of the chain with the same metadata: the operator's output (keyed by
+        # the node the first layout step reads) or a replayed layout step (keyed by its node).
+        self.chain_reads: dict[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
         self.sum_parts: dict[torch.fx.Node, list[SumPart]] = {}  # sums computed as several parts
         self._index = {n: i for i, n in enumerate(gm.graph.nodes)}
         # Per-channel maps with several readers: why they cannot fold into all of them (None: they
@@ -407,11 +416,21 @@ class LinearFormPass:
                 return None
             return f"{later[0].name} reads its shape and is needed to compute {consumer.name}"
         rule = self.classify(consumer)
-        if rule is not None and rule.kind == "layout" and not form.after and all(
-                r.op == "call_method" and r.target in SHAPE_FROM_SECOND and v is node for r, v in reads):
-            return None  # `y.reshape_as(node)` after layout steps: served by the op's output
+        if rule is not None and rule.kind == "layout" and self._chain_point(node) is not None:
+            return None  # served by the lowered chain's value at `node`'s place (`absorb`)
         return (f"{reads[0][0].name} reads its shape, and {consumer.name}, which would absorb it, has "
                 "a different shape")
+
+    def _chain_point(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The point of `node`'s form whose lowered value has `node`'s metadata, for a layout step
+        absorbing `node`: the operator's output (`node` itself, when no layout step follows the
+        operator yet: `b, n, c = linear(x).shape`), or the last layout step (per-channel maps
+        after it keep its shape: `m, c = bn(y.reshape(b * n, c)).shape`). None if there is none."""
+        form = self.forms[node]
+        if not form.after:
+            return node
+        last = form.after[-1].node
+        return last if self._same_metadata(last, node) else None
 
     def _is_ancestor(self, a: torch.fx.Node, b: torch.fx.Node) -> bool:
         """Is `b` computed from `a`? (Searches forward from `a`, no further than `b`.)"""
@@ -489,8 +508,15 @@ class LinearFormPass:
                 self.rewire[reader] = (value, form.source)  # reader -> (node it read, node it reads now)
         elif self._same_metadata(consumer, node):
             self.carried_reads.setdefault(consumer, []).extend(reads)
-        else:  # `y.reshape_as(node)` further down a layout chain: `op`'s output must stay node-shaped
-            self.pinned.add(node)
+        else:
+            # A layout step absorbs `node` (`b, n, c = y.shape; bn(y.reshape(b * n, c))`, or
+            # `y.reshape_as(node)` further down): the reads take the chain's value at `node`'s
+            # place when it is lowered, so the operator must stay before the layout steps.
+            self.pinned.add(form.after[0].node.args[0] if form.after else node)
+            rule = self.classify(consumer)
+            point = self._chain_point(node) if rule is not None and rule.kind == "layout" else None
+            if point is not None:
+                self.chain_reads.setdefault(point, []).extend(reads)
 
     def identity_form(self, node: torch.fx.Node, axis: int) -> Form | None:
         shape = shape_of(node)
@@ -673,6 +699,9 @@ class LinearFormPass:
                 return replace(form, op=affine.compose(widened_op(inner), form.op)), "", False
             moved = self._move_after_before(form)
             if moved is None:
+                if form.after[0].node.args[0] in self.pinned:
+                    return None, ("the layout change between the two operators reads the shape of the first "
+                                  "one's output, which would no longer be computed"), False
                 return None, "a layout change between the two operators cannot be moved before the first", False
             form = moved
         reason = affine.compose_refusal(op, form.op)
@@ -741,6 +770,17 @@ class LinearFormPass:
             rule = self.classify(node) if node is not None else None
             if rule is None or rule.kind not in ("identity", "layout"):
                 return rule is not None and rule.kind in ("affine", "scale", "shift")
+        return False
+
+    def _reaches_per_channel(self, node) -> bool:
+        """Does `node` feed a per-channel map (a norm, a scale) through identities and layout
+        steps only?"""
+        for _ in range(PER_CHANNEL_LOOKAHEAD):
+            node = self._single_user(node)
+            rule = self.classify(node) if node is not None else None
+            if rule is None or rule.kind not in ("identity", "layout"):
+                return rule is not None and (rule.kind in ("scale", "shift")
+                                             or (rule.kind == "affine" and rule.op.is_per_channel))
         return False
 
     def _single_user(self, node):
@@ -960,7 +1000,10 @@ class LinearFormPass:
                     self.refuse(", ".join(self.forms[x].members + (rule.member,)), f"kept apart: {problem}")
             return None
         form = self.forms[x]
-        if not form.op.is_pointwise:
+        # A per-channel map further on commutes back through the layout steps onto any operator
+        # (`B, C, H, W = y.shape; bn1d(conv(x).view(B, C, -1))`); only a pointwise operator moves
+        # across them to a linear operation.
+        if not form.op.is_pointwise and not self._reaches_per_channel(node):
             if self._reaches_linear(node):
                 self.refuse(", ".join(form.members + (rule.member,)),
                             f"kept apart: {form.op.describe()} is not pointwise, so it cannot move across "

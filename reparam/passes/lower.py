@@ -137,10 +137,24 @@ class _Lowering:
             if form.combined:
                 members = tuple(dict.fromkeys(form.members))  # `x + x` lists x's members once
                 self.regions.append(FusedRegion(name, form.op.describe(), members, self.current(form.source).name))
+        if form.after:
+            self._serve_chain_reads(form.after[0].node.args[0], value)
         for step in form.after:
             value = _replay(step.node, value, graph, self.current)
             value.meta.update(step.node.meta)
+            self._serve_chain_reads(step.node, value)
         return value
+
+    def _serve_chain_reads(self, point: torch.fx.Node, value: torch.fx.Node) -> None:
+        """Metadata reads of values folded into a layout chain at `point` now read `value`, its
+        lowered value there (same metadata), and are moved after it with whatever they feed: the
+        sizes `b, n, c = y.shape` that the chain's later layout steps (replayed next) use."""
+        reads = self.forms.chain_reads.pop(point, None)
+        if not reads:
+            return
+        for reader, old in reads:
+            reader.replace_input_with(old, value)
+        _move_after([reader for reader, _ in reads], value)
 
     def emit_sum(self, parts: list[SumPart], node: torch.fx.Node) -> torch.fx.Node:
         """`sum(sign * part)` for a sum kept as several operators."""

@@ -150,7 +150,7 @@ def grid_reverse(windows, grid_size, img_size, channels=None):
 class GridAttentionTail(nn.Module):
     """Attention projection -> grid reverse -> layer scale -> residual, channels last. The layer
     scale folds into the projection across the reverse (its `contiguous()` copy replayed after the
-    fused Linear); a read of the projection's shape keeps them apart, and the report must say so."""
+    fused Linear); a read of the windows' shape is served by the replayed first view."""
 
     def __init__(self, c, shape_read):
         super().__init__()
@@ -222,7 +222,7 @@ class GatedSplit(nn.Module):
 
 
 THIRD_PARTY = [
-    ("grid_tail_shape_read", lambda: GridAttentionTail(8, True), (1, 4, 4, 8), "kept apart"),
+    ("grid_tail_shape_read", lambda: GridAttentionTail(8, True), (1, 4, 4, 8), None),
     ("grid_tail_contiguous", lambda: GridAttentionTail(8, False), (1, 4, 4, 8), None),
     ("fourier_position", lambda: FourierPosition(8), (1, 8, 6, 6), None),
     ("cat_then_norm", lambda: CatThenNorm(4), (1, 4, 6, 6), None),
