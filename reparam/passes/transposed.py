@@ -45,6 +45,17 @@ _TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padd
 _MAP_KINDS = ("affine", "scale", "shift")
 
 
+_LAYOUT_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "view_as", "reshape_as",
+                   "contiguous", "squeeze", "unsqueeze"}
+_LAYOUT_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
+
+
+def _is_layout_step(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    return node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS
+
+
 def is_transposed_conv(gm: torch.fx.GraphModule, node) -> bool:
     """A call of a ConvTranspose module (or a subclass of one) or of `F.conv_transpose*`."""
     if not isinstance(node, torch.fx.Node):
@@ -135,6 +146,7 @@ class _Folder:
         found = [(u, self.map_of(u, conv)) for u in readers]
         maps = [(u, m) for u, m in found if m is not None]
         if not maps:
+            self._refuse_behind_a_layout_step(conv, readers)
             return None
         node, (rule, scale, shift, problem) = maps[0]
         conv_name = self.origin.get(conv, member_name(conv))
@@ -158,6 +170,19 @@ class _Folder:
         new = self.rewrite(conv, node, found_conv, scale, shift)
         self.origin[new] = conv_name
         return new
+
+    def _refuse_behind_a_layout_step(self, conv: torch.fx.Node, readers: list) -> None:
+        """A map after a reshape of the transposed conv's output (`bn1d(y.flatten(2))`) is not
+        folded here: say so rather than leave it unexplained."""
+        if len(readers) != 1 or not _is_layout_step(readers[0]):
+            return
+        step = readers[0]
+        for user in _real_users(step):
+            rule = self.classifier(user)
+            if rule is not None and rule.kind in _MAP_KINDS and rule.inputs and rule.inputs[0] is step:
+                self.refuse([self.origin.get(conv, member_name(conv)), rule.member],
+                            f"kept after the transposed conv: the layout change {step.name} stands between "
+                            "them (only a map on the transposed conv's own output is folded into it)")
 
     # -- recognising -----------------------------------------------------------------------------
     def map_of(self, node: torch.fx.Node, x: torch.fx.Node):

@@ -263,6 +263,30 @@ def test_map_along_another_axis_stays_and_is_named():
     assert unaccounted_linear_ops(fused, silent) != []
 
 
+class NormOverFlattenedOutput(nn.Module):
+    """Upsampling a sequence: transposed conv, then BatchNorm1d over `y.flatten(2)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = randomized(nn.ConvTranspose2d(3, 4, 2, 2))
+        self.bn = rbn(4, nd=1)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.up(x).flatten(2)))
+
+
+def test_map_behind_a_layout_step_stays_and_is_named():
+    torch.manual_seed(8)
+    model = NormOverFlattenedOutput()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    fused = fuse64(model, x)
+    assert n_transposed(fused) == 1
+    reasons = refusals_naming(fused, "up")
+    assert len(reasons) == 1 and "the layout change flatten stands between them" in reasons[0], fused.report.refusals
+    assert unaccounted_linear_ops(fused) == []
+    assert_same(model, fused, torch.randn(1, 3, 3, 2, dtype=torch.float64))
+
+
 def test_batchnorm_with_batch_statistics_is_not_folded():
     torch.manual_seed(8)
     model = nn.Sequential(randomized(nn.ConvTranspose2d(3, 4, 2, 2)),
