@@ -23,7 +23,7 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
-from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters,
+from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, _untraced, describe, guard_message, outcome_matters,
                        reads_requires_grad, reads_sizes, tests_emptiness)
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
@@ -52,6 +52,21 @@ class _Proxy(torch.fx.Proxy):
 
     def __setitem__(self, key, value):  # `out[:, :, :p] = v`: an in-place update, recorded as one
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    # Python numbers and lengths of values computed from parameters, buffers and literals alone
+    # (`t, i, h, w = self.weight.size(); groups = int(t / g)`, OREPA's weight generation): the
+    # same for every input, so the trace uses them as they are. Anything else stays untraceable.
+    def __int__(self):
+        return int(self.tracer.constant_value(self, "int()"))
+
+    def __index__(self):
+        return operator.index(self.tracer.constant_value(self, "an index"))
+
+    def __float__(self):
+        return float(self.tracer.constant_value(self, "float()"))
+
+    def __len__(self):
+        return len(self.tracer.constant_value(self, "len()"))
 
 
 class _ModuleStack(OrderedDict):
@@ -123,6 +138,16 @@ class _FallbackTracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
+
+    def constant_value(self, proxy: torch.fx.Proxy, use: str):
+        """The value of `proxy` when it is computed from parameters, buffers and literals alone, by
+        functions and methods (no module calls, nothing random, nothing those values go through
+        updated in place); else TypeError, as torch.fx raises for `use` of a traced value."""
+        value = _constant_value(self.root, self.graph, proxy.node)
+        if value is _NOT_CONSTANT or isinstance(value, torch.fx.Proxy):
+            raise TypeError(f"{use} of a traced value ({proxy.node.name}) that depends on the input: "
+                            "torch.fx cannot trace it")
+        return value
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         """`assert cond` on a traced value becomes a `torch._assert` node; other truth tests fail.
@@ -256,6 +281,59 @@ def _assertion_outcome(code, offset: int) -> bool | None:
         return None
     # Falling through to the error happens when the jump is not taken.
     return (not if_true) if fall_through else if_true
+
+
+_NOT_CONSTANT = object()
+
+
+def _constant_value(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node):
+    """`node`'s value computed from parameters, buffers and literals, or `_NOT_CONSTANT`."""
+    ancestors: list[torch.fx.Node] = []
+    seen, stack = {node}, [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "get_attr":
+            pass
+        elif n.op not in ("call_function", "call_method") or n.target in _RANDOM or n.kwargs.get("out") is not None:
+            return _NOT_CONSTANT
+        ancestors.append(n)
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    for n in graph.nodes:  # a later value may be an alias updated in place: only untouched values
+        if n.op in ("call_function", "call_method") and n.args and n.args[0] in seen and (
+                n.target is operator.setitem or _is_in_place(n)):
+            return _NOT_CONSTANT
+    values: dict[torch.fx.Node, object] = {}
+    with torch.no_grad(), _untraced():
+        for n in graph.nodes:  # graph order: arguments before their readers
+            if n not in seen:
+                continue
+            if n.op == "get_attr":
+                value = root
+                for part in n.target.split("."):
+                    value = getattr(value, part)
+                values[n] = value
+                continue
+            args = torch.fx.node.map_arg(n.args, values.__getitem__)
+            kwargs = torch.fx.node.map_arg(n.kwargs, values.__getitem__)
+            try:
+                if n.op == "call_function":
+                    values[n] = n.target(*args, **kwargs)
+                else:
+                    values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            except Exception:  # noqa: BLE001 - not computable here: leave it to torch.fx
+                return _NOT_CONSTANT
+            if n is node:
+                break
+    return values.get(node, _NOT_CONSTANT)
+
+
+def _is_in_place(n: torch.fx.Node) -> bool:
+    if n.op == "call_method":
+        return str(n.target).endswith("_") and not str(n.target).startswith("__")
+    return n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or n.kwargs.get("inplace") is True
 
 
 def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.Node]:
