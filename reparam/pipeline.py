@@ -8,6 +8,7 @@ The pipeline, on a private eval-mode copy of the caller's model:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import replace
 import copy
 import copyreg
@@ -32,7 +33,11 @@ from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_chec
                              restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
+from .trace import (dtype_of, fold_constants, graph_arguments, hook_names, hooked_original, is_shape_query, mark_hooked,
+                    propagate_shapes, trace)
+
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 from .verify import check, compare
 
 
@@ -90,6 +95,8 @@ def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: fl
                     "This is a bug in reparam (please report it with the model); pass verify=False to "
                     "get the fused model anyway.", result.max_abs_diff, result.allowed)
             report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
+    report.notes += _weight_hook_notes(model)
+    report.notes += _restore_hooks(fused)  # after every run: the caller's hooks never fire while fusing
     fused.report = report
     return fused
 
@@ -245,13 +252,19 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
         return memo[key]
     cls = type(module)
     if not _copies_like_a_module(cls):
-        return copy.deepcopy(module, memo)
+        copied = copy.deepcopy(module, memo)
+        for original, copied_module in zip(module.modules(), copied.modules()):
+            if _caller_hooks(original):
+                mark_hooked(copied_module, original)
+        return copied
     new = cls.__new__(cls)
     memo[key] = new
     memo.setdefault(id(memo), []).append(module)  # keep the original alive while ids are keys
+    weight_hooks = _weight_hooks(module)
+    computed = {hook.name for hook in weight_hooks}
     state = {}
     for name, value in module.__dict__.items():
-        if name == "_compiled_call_impl":
+        if name == "_compiled_call_impl" or name in computed:
             continue
         if name in _DROPPED_HOOKS and type(value) is OrderedDict:
             state[name] = OrderedDict()
@@ -262,7 +275,56 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
         else:
             state[name] = _copy_value(value, memo)
     new.__setstate__(state)
+    for hook in weight_hooks:
+        _apply_weight_hook(new, hook)
+    if _caller_hooks(module):
+        mark_hooked(new, module)
     return new
+
+
+def _weight_hooks(module: nn.Module) -> list:
+    """The forward pre-hooks of `torch.nn.utils.weight_norm` and `spectral_norm` on `module`: they
+    compute a weight (a plain attribute, not a parameter) from parameters before every call."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, (_WeightNorm, _SpectralNorm))]
+
+
+def _apply_weight_hook(module: nn.Module, hook) -> None:
+    """Compute the weight `hook` computes before each call once, as the eval-mode model does, and
+    make it a parameter of `module` (a part of the private copy, which runs no hooks)."""
+    if isinstance(hook, _SpectralNorm):
+        weight = hook.compute_weight(module, do_power_iteration=False)  # what eval mode computes
+    else:
+        weight = hook.compute_weight(module)
+    module.register_parameter(hook.name, nn.Parameter(weight.detach().clone(), requires_grad=False))
+
+
+def _caller_hooks(module: nn.Module) -> bool:
+    """Does `module` carry forward hooks or forward pre-hooks of its user (not a weight hook)?"""
+    return bool(module._forward_hooks) or any(
+        not isinstance(h, (_WeightNorm, _SpectralNorm)) for h in module._forward_pre_hooks.values())
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _restore_hooks(fused: nn.Module) -> list[str]:
+    """Register on the fused model the caller's hooks of the modules kept whole for them (and of
+    the model itself); returns a note per module. Weight hooks were applied once: not these."""
+    notes = []
+    for path, m in fused.named_modules(remove_duplicate=True):
+        original = hooked_original(m)
+        if original is None:
+            continue
+        for table in _HOOK_TABLES:
+            hooks = getattr(original, table, None)
+            if isinstance(hooks, dict):
+                kept = {k: h for k, h in hooks.items()
+                        if not isinstance(h, (_WeightNorm, _SpectralNorm))}
+                setattr(m, table, OrderedDict(kept) if isinstance(hooks, OrderedDict) else kept)
+        where = path or f"{type(original).__name__} (the model itself)"
+        notes.append(f"{where}: carries {hook_names(m)}, which the fused model runs as the original does")
+    return notes
 
 
 def _copy_value(value, memo: dict):
@@ -305,10 +367,24 @@ def _cloned(inputs: tuple) -> tuple:
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def _weight_hook_notes(model: nn.Module) -> list[str]:
+    notes = []
+    for path, m in model.named_modules():
+        for hook in _weight_hooks(m):
+            how = "spectral_norm" if isinstance(hook, _SpectralNorm) else "weight_norm"
+            notes.append(f"{path or type(model).__name__}: its {hook.name} is computed by torch.nn.utils.{how} "
+                         "before every call; the fused model computes it once, as the model in eval mode does")
+    return notes
+
+
 def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Report]:
     """Fuse the model; when its own forward cannot be traced, fuse inside its submodules."""
     try:
-        return _fuse_module(work, inputs, name)
+        fused, report = _fuse_module(work, inputs, name)
+        original = hooked_original(work)
+        if original is not None:  # the model's own hooks run around the fused graph
+            mark_hooked(fused, original)
+        return fused, report
     except TraceFailure as exc:
         failure = exc
     report = Report(model=name)
@@ -328,24 +404,33 @@ def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Rep
     return work, report
 
 
-def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") -> tuple[torch.fx.GraphModule, Report]:
+def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
+                 given: dict | None = None) -> tuple[torch.fx.GraphModule, Report]:
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
 
+    `given`: values of further (non-tensor) arguments of its forward, by name (see `trace.trace`).
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     if "forward" in vars(module):
         # `self.forward = self.forward_layer_scale` in __init__ (FasterNet, mmcv): torch.fx traces
         # the class's forward, not the one this module runs.
         reason = "its forward is replaced on the instance (self.forward = ...), which torch.fx does not trace"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason)
-    gm, failed = trace(module, inputs)
+    gm, failed = trace(module, inputs, given)
     try:
-        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)
+        _, leaf_inputs = propagate_shapes(gm, graph_arguments(gm, _cloned(inputs)), set(failed), values=False)
     except Exception as exc:
         _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
                            f"{type(exc).__name__}: {first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
+    fixed = gm.meta.get("reparam_fixed_arguments")
+    if fixed:
+        where = prefix[:-1] or name
+        values = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        report.notes.append(f"{where}: traced with {values} (the values it was called with, or their defaults): the "
+                            "fused model computes that case only, and another value for any of them fails with "
+                            "an AssertionError")
     referenced = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     fill_borders(gm)  # DBB's pad-then-fill-the-border, before its in-place updates are judged
     kept = functionalize(gm, is_shape_query)
@@ -412,16 +497,15 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
     fused, traced = 0, False
     for child_name in _outermost(calls):
         child = module.get_submodule(child_name)
-        c_args, c_kwargs = calls[child_name][0]
         child_prefix = f"{prefix}{child_name}."
-        if c_kwargs or not c_args or not all(isinstance(a, torch.Tensor) for a in c_args):
-            report.refusals.append(Refusal(child_prefix[:-1], "not fused: called with keyword or non-tensor "
-                                           "arguments, which reparam cannot trace it with"))
+        c_args, given, why_not = _call_arguments(child, calls[child_name])
+        if why_not is not None:
+            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: {why_not}"))
             continue
         try:
-            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix)
+            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix, given)
         except TraceFailure:
-            inside = _fuse_inside(child, c_args, {}, child_prefix, report, totals)
+            inside = _fuse_inside(child, *calls[child_name][0], child_prefix, report, totals)
             if inside is not None:
                 traced = True
                 report.leaves.append(Leaf(child_prefix[:-1], "its forward cannot be traced", inside))
@@ -435,14 +519,62 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
         traced = traced or _has_state(child)
         if inner.regions:
             owner, _, attr = child_name.rpartition(".")
-            setattr(module.get_submodule(owner) if owner else module, attr, _with_interface_of(child, child_gm))
+            replacement = _with_interface_of(child, child_gm)
+            if hooked_original(child) is not None:
+                mark_hooked(replacement, hooked_original(child))
+            setattr(module.get_submodule(owner) if owner else module, attr, replacement)
             report.regions.extend(inner.regions)
             fused += len(inner.regions)
         report.refusals.extend(inner.refusals)
         report.leaves.extend(inner.leaves)
+        report.notes.extend(inner.notes)
         if totals:
             _add_counts(report, inner)
     return fused if traced else None
+
+
+def _call_arguments(module: nn.Module, calls: list) -> tuple[tuple, dict, str | None]:
+    """(tensor inputs, other arguments by name, None) to trace `module` with, from the calls its
+    untraceable caller makes (`self.block(x, activate=False)`); or a reason why it cannot be.
+
+    Tensors must come first and by position; the arguments after them are fixed while tracing
+    (and guarded), so every call must pass the same ones."""
+    args, kwargs = calls[0]
+    n_tensors = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+    if n_tensors == 0:
+        return (), {}, "called without a tensor as its first argument, which reparam cannot trace it with"
+    rest = args[n_tensors:]
+    if any(isinstance(a, torch.Tensor) for a in (*rest, *kwargs.values())):
+        return (), {}, ("called with tensors after other arguments or by keyword, which reparam cannot "
+                        "trace it with")
+    given = dict(kwargs)
+    if rest:
+        try:
+            bound = inspect.signature(module.forward).bind_partial(*args)
+        except (TypeError, ValueError):
+            return (), {}, "called with arguments its forward's signature does not name"
+        names = list(bound.arguments)
+        for i, value in enumerate(rest, start=n_tensors):
+            if i >= len(names) or inspect.signature(module.forward).parameters[names[i]].kind is \
+                    inspect.Parameter.VAR_POSITIONAL:
+                return (), {}, "called with non-tensor arguments into *args, which reparam cannot trace it with"
+            given[names[i]] = value
+    def same(a, b) -> bool:
+        return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+
+    for other_args, other_kwargs in calls[1:]:
+        if (len(other_args) != len(args) or other_kwargs.keys() != kwargs.keys()
+                or not all(same(a, b) for a, b in zip(other_args[n_tensors:], rest))
+                or not all(same(other_kwargs[k], v) for k, v in kwargs.items())):
+            return (), {}, ("called with different non-tensor arguments at different places; one fused form "
+                            "computes one case")
+    from .trace import fixed_arguments
+    fixed = fixed_arguments(module, n_tensors, given)
+    unguarded = [k for k in given if k not in fixed]
+    if unguarded:
+        return (), {}, (f"called with {', '.join(unguarded)} of a kind reparam cannot fix while tracing "
+                        "(not None, a bool, a number or a string)")
+    return tuple(args[:n_tensors]), given, None
 
 
 def _outermost(names) -> list[str]:

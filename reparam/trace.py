@@ -13,6 +13,7 @@ import functools
 import inspect
 import linecache
 import operator
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -61,6 +62,31 @@ class _ModuleStack(OrderedDict):
 
     def __copy__(self):
         return OrderedDict(self)
+
+
+# Modules of the private copy `fuse` works on whose originals carry forward hooks (or forward
+# pre-hooks), each with its original. The copy runs no hooks (fusing must not fire the caller's);
+# such a module is kept whole, as a leaf no rule reads as its class, and its original's hooks are
+# registered on it again in the fused model, where they run as they do in the original.
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def mark_hooked(module: nn.Module, original: nn.Module) -> None:
+    _HOOKED[module] = original
+
+
+def hooked_original(module: nn.Module) -> nn.Module | None:
+    """The caller's module whose hooks `module` (a part of the private copy) must run, if any."""
+    return _HOOKED.get(module)
+
+
+def hook_names(module: nn.Module) -> str:
+    """'forward hook log_output, forward pre-hook <lambda>': the hooks of `module`, for reports."""
+    def name(hook) -> str:
+        return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or type(hook).__name__
+    names = [f"forward pre-hook {name(h)}" for h in module._forward_pre_hooks.values()]
+    names += [f"forward hook {name(h)}" for h in module._forward_hooks.values()]
+    return ", ".join(names)
 
 
 # Arguments recorded as they are: torch.fx's `Tracer.create_arg` looks for parameters, buffers,
@@ -187,11 +213,26 @@ class _FallbackTracer(torch.fx.Tracer):
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.failed_leaves or super().is_leaf_module(m, qualname)
+        if qualname in self.failed_leaves or m in _HOOKED:
+            return True
+        if "forward" in vars(m):
+            # A forward set on the instance (`conv.forward = partial(conv_bn, bn, conv)`, mmcv's
+            # efficient conv-bn evaluation, set and deleted again around the call): a call of the
+            # module would run the class's forward; tracing through runs the function it has now.
+            return False
+        return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
+        original = _HOOKED.get(m)
+        if original is not None and qualname not in self.failed_leaves:
+            self.failed_leaves[qualname] = (
+                f"carries {hook_names(original)}: kept whole, and the fused model runs its hooks as the "
+                "original does (remove the hooks before fusing to fuse it)")
         if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        if "forward" in vars(m):
+            # Traced through or not at all: a leaf call would run the class's forward instead.
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the newest node before this call
         stack = dict(self.module_stack) if hasattr(self, "module_stack") else None
@@ -272,20 +313,104 @@ except ImportError:  # pragma: no cover - older or newer torch without it
     _WorkingGraphModule = torch.fx.GraphModule
 
 
-def trace(model: nn.Module, example_inputs: tuple | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+def trace(model: nn.Module, example_inputs: tuple | None = None,
+          given: dict[str, object] | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}.
 
     `example_inputs`: the positional inputs of `model.forward`; Python branches on their metadata
-    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard."""
+    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard.
+    `given`: values of further arguments of `forward` (by name) the model is called with, such as
+    `activate=False`. These, and the defaults of the arguments neither the example inputs nor
+    `given` supply (`forward(x, activate=True, norm=True)`), are fixed while tracing, so that
+    `if norm:` takes its way; the graph keeps each as an argument of the same name and default,
+    guarded: another value fails with an AssertionError that names it. The fixed values are in
+    `gm.meta["reparam_fixed_arguments"]` ({name: value})."""
     tracer = _FallbackTracer(example_inputs)
     name = type(model).__name__
+    fixed = fixed_arguments(model, len(example_inputs) if example_inputs is not None else None, given or {})
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
+    if fixed:
+        _name_fixed_arguments(graph, fixed, name)
     gm = _WorkingGraphModule(model, graph, class_name=name)
+    gm.meta["reparam_fixed_arguments"] = fixed
     return gm, dict(tracer.failed_leaves)
+
+
+# Values torch.fx can guard when it fixes an argument (it compares them with `==`, or checks None).
+_GUARDED_TYPES = (bool, int, float, complex, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def fixed_arguments(model: nn.Module, n_inputs: int | None, given: dict[str, object]) -> dict[str, object]:
+    """{argument of `model.forward`: value} for the arguments the trace fixes (see `trace`).
+
+    Arguments after the `n_inputs` positional example inputs that have a default (or a value in
+    `given`) of a type the graph can check; `*args`, `**kwargs` and other defaults stay arguments
+    of the graph, as torch.fx makes them."""
+    if n_inputs is None:
+        return {}
+    try:
+        signature = inspect.signature(inspect.unwrap(type(model).forward))
+    except (TypeError, ValueError):
+        return {}
+    params = list(signature.parameters.values())[1:]  # without self
+    fixed: dict[str, object] = {}
+    positional = 0
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind is p.VAR_POSITIONAL:
+                positional = n_inputs  # the inputs beyond the named ones go into *args
+            continue
+        if p.kind is not p.KEYWORD_ONLY and positional < n_inputs:
+            positional += 1
+            continue
+        value = given.get(p.name, p.default)
+        if value is p.empty:
+            continue
+        if value is None or type(value) in _GUARDED_TYPES:
+            fixed[p.name] = value
+    return fixed
+
+
+def graph_arguments(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
+    """The positional arguments that run `gm`'s graph (an Interpreter fills only positional ones)
+    as the module was traced: `inputs`, then the fixed values (or the defaults) of the rest."""
+    fixed = gm.meta.get("reparam_fixed_arguments")
+    if not fixed:
+        return inputs
+    values = list(inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[len(inputs):]:
+        if node.target in fixed:
+            values.append(fixed[node.target])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            break
+    return tuple(values)
+
+
+def _name_fixed_arguments(graph: torch.fx.Graph, fixed: dict[str, object], model_name: str) -> None:
+    """torch.fx names the argument it fixes `norm_1`, and its guard's message speaks of
+    specializing: the argument keeps its own name (so `fused(x, norm=False)` reaches the guard
+    instead of failing as an unknown keyword), and the message says what to do."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, count = str(node.target).rpartition("_")
+        if base not in fixed or count != "1":
+            continue
+        node.target = base
+        message = (f"{model_name} was fused with {base}={fixed[base]!r} (its value when fused): the fused "
+                   f"model computes only that case; fuse it again with that argument to get another")
+        for user in list(node.users):
+            guards = [user] if user.target is not operator.eq else list(user.users)
+            for guard in guards:
+                if guard.op == "call_function" and len(guard.args) == 2 and isinstance(guard.args[1], str):
+                    guard.args = (guard.args[0], message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,5 +675,5 @@ def is_shape_query(user: torch.fx.Node) -> bool:
     return user.op == "call_function" and user.target in (torch.numel,) or False
 
 
-__all__ = ["trace", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
+__all__ = ["trace", "graph_arguments", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
            "Constants", "Unfolded"]
