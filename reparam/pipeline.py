@@ -453,7 +453,11 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
     for target, calls in sites.items():
         # Fusion is exact for every input, so one call's inputs serve all call sites.
         args, kwargs = calls[0]
-        regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
+        if hooked_original(gm.get_submodule(target)) is not None:
+            # Kept whole for its hooks, but its own forward may well be traceable.
+            regions = _fuse_child(gm, target, calls, f"{prefix}{target}.", report)
+        else:
+            regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
         reason = failed[target] + (f" (called at {len(calls)} places)" if len(calls) > 1 else "")
         report.leaves.append(Leaf(f"{prefix}{target}", reason, regions))
     for qualname, reason in failed.items():  # leaves never reached on the example input
@@ -496,41 +500,48 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
             h.remove()
     fused, traced = 0, False
     for child_name in _outermost(calls):
-        child = module.get_submodule(child_name)
-        child_prefix = f"{prefix}{child_name}."
-        c_args, given, why_not = _call_arguments(child, calls[child_name])
-        if why_not is not None:
-            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: {why_not}"))
-            continue
-        try:
-            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix, given)
-        except TraceFailure:
-            inside = _fuse_inside(child, *calls[child_name][0], child_prefix, report, totals)
-            if inside is not None:
-                traced = True
-                report.leaves.append(Leaf(child_prefix[:-1], "its forward cannot be traced", inside))
-                fused += inside
-            continue
-        except Exception as exc:
-            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: fusing it failed with "
-                                           f"{type(exc).__name__}: {first_line(exc)}"))
-            continue
-        # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
-        traced = traced or _has_state(child)
-        if inner.regions:
-            owner, _, attr = child_name.rpartition(".")
-            replacement = _with_interface_of(child, child_gm)
-            if hooked_original(child) is not None:
-                mark_hooked(replacement, hooked_original(child))
-            setattr(module.get_submodule(owner) if owner else module, attr, replacement)
-            report.regions.extend(inner.regions)
-            fused += len(inner.regions)
-        report.refusals.extend(inner.refusals)
-        report.leaves.extend(inner.leaves)
-        report.notes.extend(inner.notes)
-        if totals:
-            _add_counts(report, inner)
+        outcome = _fuse_child(module, child_name, calls[child_name], f"{prefix}{child_name}.", report, totals)
+        if outcome is not None:
+            fused += outcome
+            traced = traced or outcome > 0 or _has_state(module.get_submodule(child_name))
     return fused if traced else None
+
+
+def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, report: Report,
+                totals: bool = False) -> int | None:
+    """Fuse submodule `child_name` of `module` whole (traced with the arguments of `calls`, its
+    calls seen on the example input), or else inside; it is replaced in `module` when regions
+    were fused. Returns the number of regions fused, or None when nothing in it could be traced."""
+    child = module.get_submodule(child_name)
+    c_args, given, why_not = _call_arguments(child, calls)
+    if why_not is not None:
+        report.refusals.append(Refusal(prefix[:-1], f"not fused: {why_not}"))
+        return None
+    try:
+        child_gm, inner = _fuse_module(child, c_args, type(child).__name__, prefix, given)
+    except TraceFailure:
+        inside = _fuse_inside(child, *calls[0], prefix, report, totals)
+        if inside is not None:
+            report.leaves.append(Leaf(prefix[:-1], "its forward cannot be traced", inside))
+        return inside
+    except Exception as exc:
+        report.refusals.append(Refusal(prefix[:-1], f"not fused: fusing it failed with "
+                                       f"{type(exc).__name__}: {first_line(exc)}"))
+        return None
+    if inner.regions:
+        owner, _, attr = child_name.rpartition(".")
+        replacement = _with_interface_of(child, child_gm)
+        if hooked_original(child) is not None:
+            mark_hooked(replacement, hooked_original(child))
+        setattr(module.get_submodule(owner) if owner else module, attr, replacement)
+        report.regions.extend(inner.regions)
+    report.refusals.extend(inner.refusals)
+    report.leaves.extend(inner.leaves)
+    report.notes.extend(inner.notes)
+    if totals:
+        _add_counts(report, inner)
+    # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
+    return len(inner.regions) if (inner.regions or _has_state(child)) else None
 
 
 def _call_arguments(module: nn.Module, calls: list) -> tuple[tuple, dict, str | None]:

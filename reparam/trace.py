@@ -21,11 +21,12 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx import traceback as fx_traceback
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .affine import widened
-from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, outcome_matters,
-                       reads_requires_grad, reads_sizes, tests_emptiness)
+from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, metadata_sources,
+                       outcome_matters, reads_requires_grad, reads_sizes, tests_emptiness)
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -53,6 +54,26 @@ class _Proxy(torch.fx.Proxy):
 
     def __setitem__(self, key, value):  # `out[:, :, :p] = v`: an in-place update, recorded as one
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, k: str):
+        return _Attribute(self, k)
+
+    def __len__(self):
+        return _length(self)
+
+
+def _length(proxy: torch.fx.Proxy) -> int:
+    """`len(conv.weight.shape)`, `len(x.shape)`: a rank, known from the example input (see
+    `_FallbackTracer.length_of`); torch.fx itself cannot take the length of a traced value."""
+    length = proxy.tracer.length_of(proxy) if isinstance(proxy.tracer, _FallbackTracer) else None
+    return torch.fx.Proxy.__len__(proxy) if length is None else length
+
+
+class _Attribute(torch.fx.proxy.Attribute):
+    """An attribute of a traced value (`w.shape`) with the length `_Proxy` gives."""
+
+    def __len__(self):
+        return _length(self)
 
 
 class _ModuleStack(OrderedDict):
@@ -206,6 +227,34 @@ class _FallbackTracer(torch.fx.Tracer):
         self.create_proxy("call_function", torch._assert, (condition, message), {})
         return decided
 
+    def length_of(self, proxy: torch.fx.Proxy) -> int | None:
+        """The length of a size read from metadata only (`w.shape`, `x.size()`), on the example
+        input; None when the value is anything else. The length of a parameter's or buffer's shape
+        is fixed; that of an input's is its rank, which the graph then checks."""
+        if self.example_inputs is None:
+            return None
+        sources = metadata_sources(proxy.node)
+        if sources is None:
+            return None
+        if self._examples is None:
+            self._examples = ExampleValues(self.root, self.graph, self.example_inputs)
+        try:
+            value = self._examples.value(proxy.node)
+        except Exception:  # noqa: BLE001 - not known: torch.fx's own error follows
+            return None
+        if not isinstance(value, (torch.Size, tuple)) or isinstance(value, torch.fx.Proxy):
+            return None
+        if any(s.op != "get_attr" for s in sources):
+            frame = inspect.currentframe()
+            caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+            where = f"{caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else "?"
+            source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip() if caller else ""
+            length = self.create_proxy("call_function", len, (proxy,), {})
+            same = self.create_proxy("call_function", operator.eq, (length, len(value)), {})
+            self.create_proxy("call_function", torch._assert, (same, guard_message(
+                source, where, f"len({describe(proxy.node)}) == {len(value)}", True)), {})
+        return len(value)
+
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
         self._examples = None
@@ -325,9 +374,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None,
     `if norm:` takes its way; the graph keeps each as an argument of the same name and default,
     guarded: another value fails with an AssertionError that names it. The fixed values are in
     `gm.meta["reparam_fixed_arguments"]` ({name: value})."""
-    tracer = _FallbackTracer(example_inputs)
     name = type(model).__name__
     fixed = fixed_arguments(model, len(example_inputs) if example_inputs is not None else None, given or {})
+    tracer = _FallbackTracer(_example_arguments(model, example_inputs, fixed))
     try:
         graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as exc:
@@ -375,6 +424,25 @@ def fixed_arguments(model: nn.Module, n_inputs: int | None, given: dict[str, obj
     return fixed
 
 
+def _example_arguments(model: nn.Module, inputs: tuple | None, fixed: dict[str, object]) -> tuple | None:
+    """The value of each argument of the graph being recorded, in order, as far as known: the
+    example inputs, then the fixed values or defaults of the further named arguments."""
+    if inputs is None or not fixed:
+        return inputs
+    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1 + len(inputs):]
+    values = list(inputs)
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        if p.name in fixed:
+            values.append(fixed[p.name])
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            break
+    return tuple(values)
+
+
 def graph_arguments(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
     """The positional arguments that run `gm`'s graph (an Interpreter fills only positional ones)
     as the module was traced: `inputs`, then the fixed values (or the defaults) of the rest."""
@@ -407,6 +475,14 @@ def _name_fixed_arguments(graph: torch.fx.Graph, fixed: dict[str, object], model
         message = (f"{model_name} was fused with {base}={fixed[base]!r} (its value when fused): the fused "
                    f"model computes only that case; fuse it again with that argument to get another")
         for user in list(node.users):
+            if user.op == "call_function" and user.target is _assert_is_none:
+                # torch.fx's own check of None is not known to have an effect: dead-code removal
+                # would drop it. The same check, as `torch._assert`.
+                with graph.inserting_before(user):
+                    is_none = graph.call_function(operator.is_, (node, None))
+                    graph.call_function(torch._assert, (is_none, message))
+                graph.erase_node(user)
+                continue
             guards = [user] if user.target is not operator.eq else list(user.users)
             for guard in guards:
                 if guard.op == "call_function" and len(guard.args) == 2 and isinstance(guard.args[1], str):
