@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
@@ -118,7 +118,7 @@ def _compare_in_float64(model: nn.Module, inputs: tuple, name: str):
 
     Returns (original output, fused output, comparison at the float64 tolerance)."""
     work64 = _private_copy(model, name).double()
-    inputs64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    inputs64 = tuple(_as_float64(v) for v in inputs)
     reference64 = _run_reference(work64, _cloned(inputs64), name)
     fused64, _ = _fuse_top(work64, inputs64, name)
     output64 = fused64(*_cloned(inputs64))
@@ -179,17 +179,52 @@ def _check_model(model) -> str:
     return name
 
 
-def _check_inputs(example_input, name: str) -> tuple[torch.Tensor, ...]:
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+def _check_inputs(example_input, name: str) -> tuple:
+    """The positional arguments `example_input` stands for: a tensor or a dict is one argument, a
+    tuple or list holds one per argument. Each is a tensor, or a tuple, list or dict of tensors
+    (nested as deep as the model takes them)."""
+    if isinstance(example_input, (tuple, list)):
+        inputs = tuple(example_input)
+    else:
+        inputs = (example_input,)
     if not inputs:
         raise InputError("`example_input` is empty: pass a tensor or a tuple of tensors that "
                          f"{name} accepts")
     for i, value in enumerate(inputs):
-        if not isinstance(value, torch.Tensor):
-            what = "`example_input`" if len(inputs) == 1 else f"`example_input[{i}]`"
-            raise InputError(f"{what} must be a torch.Tensor, got {type(value).__name__}; pass a tensor or "
-                             f"a tuple of tensors that {name} accepts")
-    return tuple(inputs)
+        what = "`example_input`" if len(inputs) == 1 and not isinstance(example_input, (tuple, list)) \
+            else f"`example_input[{i}]`"
+        leaves, spec = tree_flatten(value)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves) or not _plain_containers(value):
+            raise InputError(f"{what} must be a torch.Tensor, or a tuple, list or dict of tensors, got "
+                             f"{_describe_value(value)}; pass a tensor, or a tuple with one such value per "
+                             f"positional argument of {name}.forward")
+    return inputs
+
+
+def _is_input(value) -> bool:
+    """A tensor, or a tuple, list or dict of tensors: what reparam traces as an input."""
+    leaves = tree_flatten(value)[0]
+    return bool(leaves) and all(isinstance(t, torch.Tensor) for t in leaves) and _plain_containers(value)
+
+
+def _plain_containers(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if type(value) in (tuple, list):
+        return all(_plain_containers(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) for k in value) and all(_plain_containers(v) for v in value.values())
+    return False
+
+
+def _describe_value(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {str(value.dtype).replace('torch.', '')} tensor"
+    if type(value) in (tuple, list, dict):
+        items = value.values() if isinstance(value, dict) else value
+        kinds = sorted({type(v).__name__ for v in items})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__
 
 
 def _private_copy(model: nn.Module, name: str) -> nn.Module:
@@ -352,15 +387,33 @@ def _run_reference(work: nn.Module, inputs, name: str):
     try:
         return work(*inputs)
     except Exception as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+        shapes = ", ".join(_describe_value(t) for t in inputs)
+        hint = _arguments_hint(work, inputs, name) if isinstance(exc, TypeError) else ""
         raise InputError(f"{name} rejected example_input ({shapes}): {type(exc).__name__}: "
-                         f"{first_line(exc)}") from exc
+                         f"{first_line(exc)}{hint}") from exc
+
+
+def _arguments_hint(model: nn.Module, inputs: tuple, name: str) -> str:
+    """When `forward` takes fewer positional arguments than `example_input` gave: how to pass one
+    tuple or list as a single argument."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return ""
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) <= len(positional):
+        return ""
+    return (f". A tuple or list as example_input holds one value per positional argument; {name}.forward "
+            f"takes {len(positional)} ({', '.join(positional)}): to pass a tuple or list as one argument, wrap "
+            f"it: example_input=((x1, x2),)")
 
 
 def _cloned(inputs: tuple) -> tuple:
     """Copies of the example inputs: a model may update its input in place, and the caller's
     tensors must stay as they were (and every run must see the same values)."""
-    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return tuple(tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v) for v in inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,11 +604,11 @@ def _call_arguments(module: nn.Module, calls: list) -> tuple[tuple, dict, str | 
     Tensors must come first and by position; the arguments after them are fixed while tracing
     (and guarded), so every call must pass the same ones."""
     args, kwargs = calls[0]
-    n_tensors = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+    n_tensors = next((i for i, a in enumerate(args) if not _is_input(a)), len(args))
     if n_tensors == 0:
         return (), {}, "called without a tensor as its first argument, which reparam cannot trace it with"
     rest = args[n_tensors:]
-    if any(isinstance(a, torch.Tensor) for a in (*rest, *kwargs.values())):
+    if any(isinstance(t, torch.Tensor) for a in (*rest, *kwargs.values()) for t in tree_flatten(a)[0]):
         return (), {}, ("called with tensors after other arguments or by keyword, which reparam cannot "
                         "trace it with")
     given = dict(kwargs)
@@ -685,7 +738,7 @@ def _device_of(module: nn.Module, inputs: tuple) -> torch.device:
         return p.device
     for b in module.buffers():
         return b.device
-    return inputs[0].device
+    return tree_flatten(inputs)[0][0].device
 
 
 __all__ = ["fuse", "explain"]

@@ -22,7 +22,9 @@ import torch.fx
 from torch import nn
 from torch.fx import traceback as fx_traceback
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .affine import widened
 from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, describe, guard_message, metadata_sources,
@@ -376,14 +378,17 @@ def trace(model: nn.Module, example_inputs: tuple | None = None,
     `gm.meta["reparam_fixed_arguments"]` ({name: value})."""
     name = type(model).__name__
     fixed = fixed_arguments(model, len(example_inputs) if example_inputs is not None else None, given or {})
+    structured = _structured_arguments(model, example_inputs)
     tracer = _FallbackTracer(_example_arguments(model, example_inputs, fixed))
     try:
-        graph = tracer.trace(model, concrete_args=fixed or None)
+        graph = tracer.trace(model, concrete_args={**structured, **fixed} or None)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
     if fixed:
         _name_fixed_arguments(graph, fixed, name)
+    if isinstance(graph._codegen, _PyTreeCodeGen):
+        graph._codegen = _StructuredInputs(graph._codegen.pytree_info)
     gm = _WorkingGraphModule(model, graph, class_name=name)
     gm.meta["reparam_fixed_arguments"] = fixed
     return gm, dict(tracer.failed_leaves)
@@ -424,13 +429,54 @@ def fixed_arguments(model: nn.Module, n_inputs: int | None, given: dict[str, obj
     return fixed
 
 
+class _StructuredInputs(_PyTreeCodeGen):
+    """The code of a graph whose inputs were traced as tuples, lists or dicts of tensors (torch.fx
+    flattens them into one graph input per tensor, and the generated `forward` takes them as the
+    model did). Arguments with defaults keep them in `forward`'s signature, where torch.fx would
+    write them into the line that unpacks the flattened inputs (not valid Python)."""
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        defaults = {}
+        names = []
+        for var in free_vars:
+            head, sep, default = var.partition(" = ")
+            name = head.split(":")[0].split("#")[0].strip()
+            names.append(name)
+            if sep:
+                defaults[name] = default.split("  #")[0].strip()
+        info = self.pytree_info
+        fn_args = [a + (f" = {defaults[a]}" if a in defaults else "") for a in info.orig_args]
+        if info.orig_args and info.orig_args[0] == "self":
+            names.insert(0, "self")
+        definition = CodeGen.gen_fn_def(self, fn_args, maybe_return_annotation, expanded_def=expanded_def)
+        if names:
+            definition += self.gen_var_bindings(info.orig_args, names, expanded_def)
+        return definition
+
+
+def _structured_arguments(model: nn.Module, inputs: tuple | None) -> dict[str, object]:
+    """{argument: its structure} for the example inputs that are tuples, lists or dicts of tensors
+    (`forward(self, inputs)` given `(x1, x2)` or `{"img": x}`): traced as one graph input per
+    tensor, which the GraphModule takes in the same structure."""
+    if inputs is None or all(isinstance(v, torch.Tensor) for v in inputs):
+        return {}
+    params = [p for p in list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: tree_map(lambda _: torch.fx.PH, value)
+            for p, value in zip(params, inputs) if not isinstance(value, torch.Tensor)}
+
+
 def _example_arguments(model: nn.Module, inputs: tuple | None, fixed: dict[str, object]) -> tuple | None:
     """The value of each argument of the graph being recorded, in order, as far as known: the
-    example inputs, then the fixed values or defaults of the further named arguments."""
-    if inputs is None or not fixed:
+    example inputs (one per tensor, when one is a tuple, list or dict), then the fixed values or
+    defaults of the further named arguments."""
+    if inputs is None:
         return inputs
+    flat = tuple(t for v in inputs for t in tree_flatten(v)[0])
+    if not fixed:
+        return flat
     params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1 + len(inputs):]
-    values = list(inputs)
+    values = list(flat)
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             break
@@ -451,7 +497,7 @@ def graph_arguments(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
         return inputs
     values = list(inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in placeholders[len(inputs):]:
+    for node in placeholders[len(tree_flatten(inputs)[0]):]:
         if node.target in fixed:
             values.append(fixed[node.target])
         elif node.args:

@@ -352,3 +352,66 @@ def test_observing_hook_leaves_the_rest_fused():
     feats.clear()
     fused(x)
     assert "relu" in feats and isinstance(feats["relu"], torch.Tensor)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs as detection and multi-modal code passes them: a tuple, list or dict as one argument
+# ------------------------------------------------------------------------------------------------
+
+class TwoStreams(nn.Module):
+    """forward(self, inputs): a pair of feature maps, each through its own conv-bn, then summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(8)))
+        self.depth = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(8)))
+
+    def forward(self, inputs, use_depth: bool = True):
+        rgb, depth = inputs
+        out = self.rgb(rgb)
+        if use_depth:
+            out = out + self.depth(depth)
+        return out
+
+
+def test_pair_of_tensors_as_one_argument():
+    model = TwoStreams().double().eval()
+    pair = (torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 2, 6, 6, dtype=torch.float64))
+    fused = reparam.fuse(model, (pair,))  # one argument: the pair
+    assert n_bns(fused) == 0 and n_convs(fused) == 2 and not fused.report.leaves
+    assert any("use_depth=True" in n for n in fused.report.notes)
+    fresh = tuple(torch.randn_like(t) for t in pair)
+    assert_same(model, fused, fresh, rel=1e-12)
+    assert_same(model, fused, list(fresh), rel=1e-12)  # a list unpacks the same way
+    with pytest.raises(AssertionError, match="use_depth=True"):
+        fused(fresh, use_depth=False)
+
+
+def test_dict_of_tensors_as_one_argument():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), randomize_bn(nn.BatchNorm2d(4)))
+            self.reg = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(4)))
+
+        def forward(self, feats):
+            return {"cls": self.cls(feats["p3"]), "reg": self.reg(feats["p4"])}
+
+    model = Heads().double().eval()
+    feats = {"p3": torch.randn(1, 4, 8, 8, dtype=torch.float64), "p4": torch.randn(1, 4, 4, 4, dtype=torch.float64)}
+    fused = reparam.fuse(model, feats)  # a dict is one argument
+    assert n_bns(fused) == 0 and n_convs(fused) == 2
+    out, ref = fused(feats), model(feats)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12)
+
+
+def test_tuple_given_as_separate_arguments_says_how_to_pass_it():
+    model = TwoStreams().double()
+    pair = (torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 2, 6, 6, dtype=torch.float64))
+    with pytest.raises(reparam.InputError, match=r"takes 2 \(inputs, use_depth\).*example_input=\(\(x1, x2\),\)"):
+        reparam.fuse(model, (pair[0], pair[1], pair[0]))
+    with pytest.raises(reparam.InputError, match=r"example_input\[0\]` must be a torch.Tensor, or a tuple, list "
+                                                 r"or dict of tensors, got a tuple of int"):
+        reparam.fuse(model, ((1, 2),))
