@@ -387,7 +387,8 @@ def _run_reference(work: nn.Module, inputs, name: str):
     try:
         return work(*inputs)
     except Exception as exc:
-        shapes = ", ".join(_describe_value(t) for t in inputs)
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                           else _describe_value(t) for t in inputs)
         hint = _arguments_hint(work, inputs, name) if isinstance(exc, TypeError) else ""
         raise InputError(f"{name} rejected example_input ({shapes}): {type(exc).__name__}: "
                          f"{first_line(exc)}{hint}") from exc
