@@ -20,6 +20,9 @@ from functools import partial
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod as _Pruning
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
@@ -33,12 +36,12 @@ from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_chec
                              restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import (dtype_of, fold_constants, graph_arguments, hook_names, hooked_original, is_shape_query, mark_hooked,
-                    propagate_shapes, trace)
-
-from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
+from .trace import (dtype_of, fold_constants, graph_arguments, hook_names, hooked_original, is_shape_query,
+                    mark_hooked, propagate_shapes, trace)
 from .verify import check, compare
+
+# Forward pre-hooks of torch.nn.utils that compute a weight before every call (see `_apply_weight_hook`).
+_WEIGHT_HOOKS = (_WeightNorm, _SpectralNorm, _Pruning)
 
 
 def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
@@ -46,10 +49,18 @@ def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: fl
     """Return the inference form of `model`: every exactly fusible linear structure in one conv.
 
     Args:
-        model: any `nn.Module` in its training form. It is never modified.
-        example_input: a tensor, or a tuple of tensors, that `model` accepts. Used for tracing
-            shapes, cost decisions, the report's counts, and verification. It is never modified
-            (every run reads a copy, so a model that updates its input in place is fine).
+        model: any `nn.Module` in its training form. It is never modified. Hooks registered on
+            it never fire while fusing; a module that carries forward hooks is kept whole and the
+            fused model runs its hooks as the original does (the report names it). The weights that
+            `torch.nn.utils.weight_norm`, `spectral_norm` and `prune` compute before each call are
+            computed once, as in eval mode.
+        example_input: the positional arguments of `model.forward`: a tensor or a dict of tensors
+            (one argument), or a tuple or list with one value per argument, each a tensor or a
+            tuple, list or dict of tensors (`((x1, x2),)` passes one pair). Further arguments of
+            `forward` keep their defaults (`forward(x, norm=True)`): the fused model computes that
+            case and fails with an AssertionError for another value. Used for tracing shapes, cost
+            decisions, the report's counts, and verification. It is never modified (every run
+            reads a copy, so a model that updates its input in place is fine).
         verify: how to check the fused model on `example_input`; `VerificationError` if it fails.
             - True (default): run the original (in eval mode) and the fused module in the model's
               own dtype and compare. When they disagree, both are also compared in float64: if
@@ -296,7 +307,7 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     memo[key] = new
     memo.setdefault(id(memo), []).append(module)  # keep the original alive while ids are keys
     weight_hooks = _weight_hooks(module)
-    computed = {hook.name for hook in weight_hooks}
+    computed = {_computed_name(hook) for hook in weight_hooks}
     state = {}
     for name, value in module.__dict__.items():
         if name == "_compiled_call_impl" or name in computed:
@@ -318,9 +329,13 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
 
 
 def _weight_hooks(module: nn.Module) -> list:
-    """The forward pre-hooks of `torch.nn.utils.weight_norm` and `spectral_norm` on `module`: they
-    compute a weight (a plain attribute, not a parameter) from parameters before every call."""
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, (_WeightNorm, _SpectralNorm))]
+    """The forward pre-hooks of `torch.nn.utils.weight_norm`, `spectral_norm` and `prune` on
+    `module`: they compute a weight (a plain attribute, not a parameter) before every call."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
+
+
+def _computed_name(hook) -> str:
+    return hook._tensor_name if isinstance(hook, _Pruning) else hook.name
 
 
 def _apply_weight_hook(module: nn.Module, hook) -> None:
@@ -328,15 +343,17 @@ def _apply_weight_hook(module: nn.Module, hook) -> None:
     make it a parameter of `module` (a part of the private copy, which runs no hooks)."""
     if isinstance(hook, _SpectralNorm):
         weight = hook.compute_weight(module, do_power_iteration=False)  # what eval mode computes
+    elif isinstance(hook, _Pruning):
+        weight = hook.apply_mask(module)
     else:
         weight = hook.compute_weight(module)
-    module.register_parameter(hook.name, nn.Parameter(weight.detach().clone(), requires_grad=False))
+    module.register_parameter(_computed_name(hook), nn.Parameter(weight.detach().clone(), requires_grad=False))
 
 
 def _caller_hooks(module: nn.Module) -> bool:
     """Does `module` carry forward hooks or forward pre-hooks of its user (not a weight hook)?"""
     return bool(module._forward_hooks) or any(
-        not isinstance(h, (_WeightNorm, _SpectralNorm)) for h in module._forward_pre_hooks.values())
+        not isinstance(h, _WEIGHT_HOOKS) for h in module._forward_pre_hooks.values())
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -355,7 +372,7 @@ def _restore_hooks(fused: nn.Module) -> list[str]:
             hooks = getattr(original, table, None)
             if isinstance(hooks, dict):
                 kept = {k: h for k, h in hooks.items()
-                        if not isinstance(h, (_WeightNorm, _SpectralNorm))}
+                        if not isinstance(h, _WEIGHT_HOOKS)}
                 setattr(m, table, OrderedDict(kept) if isinstance(hooks, OrderedDict) else kept)
         where = path or f"{type(original).__name__} (the model itself)"
         notes.append(f"{where}: carries {hook_names(m)}, which the fused model runs as the original does")
@@ -425,8 +442,9 @@ def _weight_hook_notes(model: nn.Module) -> list[str]:
     notes = []
     for path, m in model.named_modules():
         for hook in _weight_hooks(m):
-            how = "spectral_norm" if isinstance(hook, _SpectralNorm) else "weight_norm"
-            notes.append(f"{path or type(model).__name__}: its {hook.name} is computed by torch.nn.utils.{how} "
+            how = ("spectral_norm" if isinstance(hook, _SpectralNorm) else "prune" if isinstance(hook, _Pruning)
+                   else "weight_norm")
+            notes.append(f"{path or type(model).__name__}: its {_computed_name(hook)} is computed by torch.nn.utils.{how} "
                          "before every call; the fused model computes it once, as the model in eval mode does")
     return notes
 

@@ -271,6 +271,19 @@ def test_spectral_norm_conv_folds_its_batch_norm_as_in_eval_mode():
     assert any("spectral_norm" in n for n in fused.report.notes)
 
 
+def test_pruned_conv_folds_its_batch_norm_with_the_mask_applied():
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), randomize_bn(nn.BatchNorm2d(8)), nn.ReLU())
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[0], "weight", amount=0.2)  # a PruningContainer of two masks
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = fuse64(model, x)
+    assert n_bns(fused) == 0 and n_convs(fused) == 1
+    assert any("prune" in n for n in fused.report.notes)
+    assert isinstance(next(iter(model[0]._forward_pre_hooks.values())), prune.BasePruningMethod)
+
+
 # ------------------------------------------------------------------------------------------------
 # Hooks the user registered: run by the fused model as by the original, never while fusing
 # ------------------------------------------------------------------------------------------------
