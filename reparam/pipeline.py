@@ -36,7 +36,7 @@ from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_chec
                              restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import (dtype_of, fold_constants, graph_arguments, hook_names, hooked_original, is_shape_query,
+from .trace import (CallerHooks, caller_hooks, dtype_of, fold_constants, graph_arguments, is_shape_query,
                     mark_hooked, propagate_shapes, trace)
 from .verify import check, compare
 
@@ -300,8 +300,9 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     if not _copies_like_a_module(cls):
         copied = copy.deepcopy(module, memo)
         for original, copied_module in zip(module.modules(), copied.modules()):
-            if _caller_hooks(original):
-                mark_hooked(copied_module, original)
+            hooks = _caller_hooks(original)
+            if hooks is not None:
+                mark_hooked(copied_module, hooks)
         return copied
     new = cls.__new__(cls)
     memo[key] = new
@@ -323,8 +324,9 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     new.__setstate__(state)
     for hook in weight_hooks:
         _apply_weight_hook(new, hook)
-    if _caller_hooks(module):
-        mark_hooked(new, module)
+    hooks = _caller_hooks(module)
+    if hooks is not None:
+        mark_hooked(new, hooks)
     return new
 
 
@@ -350,10 +352,16 @@ def _apply_weight_hook(module: nn.Module, hook) -> None:
     module.register_parameter(_computed_name(hook), nn.Parameter(weight.detach().clone(), requires_grad=False))
 
 
-def _caller_hooks(module: nn.Module) -> bool:
-    """Does `module` carry forward hooks or forward pre-hooks of its user (not a weight hook)?"""
-    return bool(module._forward_hooks) or any(
-        not isinstance(h, _WEIGHT_HOOKS) for h in module._forward_pre_hooks.values())
+def _caller_hooks(module: nn.Module) -> CallerHooks | None:
+    """The forward hooks and forward pre-hooks of its user `module` carries (not weight hooks)."""
+    if not module._forward_hooks and all(isinstance(h, _WEIGHT_HOOKS) for h in module._forward_pre_hooks.values()):
+        return None
+    tables = {}
+    for table in _HOOK_TABLES:
+        hooks = getattr(module, table, None)
+        if isinstance(hooks, dict):
+            tables[table] = {k: h for k, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS)}
+    return CallerHooks(tables)
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -365,17 +373,14 @@ def _restore_hooks(fused: nn.Module) -> list[str]:
     the model itself); returns a note per module. Weight hooks were applied once: not these."""
     notes = []
     for path, m in fused.named_modules(remove_duplicate=True):
-        original = hooked_original(m)
-        if original is None:
+        hooks = caller_hooks(m)
+        if hooks is None:
             continue
-        for table in _HOOK_TABLES:
-            hooks = getattr(original, table, None)
-            if isinstance(hooks, dict):
-                kept = {k: h for k, h in hooks.items()
-                        if not isinstance(h, _WEIGHT_HOOKS)}
-                setattr(m, table, OrderedDict(kept) if isinstance(hooks, OrderedDict) else kept)
-        where = path or f"{type(original).__name__} (the model itself)"
-        notes.append(f"{where}: carries {hook_names(m)}, which the fused model runs as the original does")
+        for table, entries in hooks.tables.items():
+            kind = type(getattr(m, table, None))
+            setattr(m, table, OrderedDict(entries) if kind is OrderedDict else dict(entries))
+        where = path or f"{type(m).__name__} (the model itself)"
+        notes.append(f"{where}: carries {hooks.describe()}, which the fused model runs as the original does")
     return notes
 
 
@@ -453,9 +458,9 @@ def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Rep
     """Fuse the model; when its own forward cannot be traced, fuse inside its submodules."""
     try:
         fused, report = _fuse_module(work, inputs, name)
-        original = hooked_original(work)
-        if original is not None:  # the model's own hooks run around the fused graph
-            mark_hooked(fused, original)
+        hooks = caller_hooks(work)
+        if hooks is not None:  # the model's own hooks run around the fused graph
+            mark_hooked(fused, hooks)
         return fused, report
     except TraceFailure as exc:
         failure = exc
@@ -525,7 +530,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
     for target, calls in sites.items():
         # Fusion is exact for every input, so one call's inputs serve all call sites.
         args, kwargs = calls[0]
-        if hooked_original(gm.get_submodule(target)) is not None:
+        if caller_hooks(gm.get_submodule(target)) is not None:
             # Kept whole for its hooks, but its own forward may well be traceable.
             regions = _fuse_child(gm, target, calls, f"{prefix}{target}.", report)
         else:
@@ -603,8 +608,8 @@ def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, re
     if inner.regions:
         owner, _, attr = child_name.rpartition(".")
         replacement = _with_interface_of(child, child_gm)
-        if hooked_original(child) is not None:
-            mark_hooked(replacement, hooked_original(child))
+        if caller_hooks(child) is not None:
+            mark_hooked(replacement, caller_hooks(child))
         setattr(module.get_submodule(owner) if owner else module, attr, replacement)
         report.regions.extend(inner.regions)
     report.refusals.extend(inner.refusals)

@@ -2,7 +2,11 @@
 
 A submodule whose `forward` cannot be traced (data-dependent control flow, say) is kept whole as a
 leaf call; the caller fuses inside it separately. Only the model's own top-level `forward` must be
-traceable.
+traceable. A submodule that carries the caller's hooks is kept whole too (see `mark_hooked`); one
+whose instance has a `forward` of its own when called (mmcv patches one in for a single call) is
+traced through that function. Further arguments of the top-level `forward` (`norm=True`) are fixed
+to their defaults, or to the values given, under a guard; inputs given as tuples, lists or dicts of
+tensors become one graph input per tensor.
 """
 
 from __future__ import annotations
@@ -88,28 +92,36 @@ class _ModuleStack(OrderedDict):
 
 
 # Modules of the private copy `fuse` works on whose originals carry forward hooks (or forward
-# pre-hooks), each with its original. The copy runs no hooks (fusing must not fire the caller's);
-# such a module is kept whole, as a leaf no rule reads as its class, and its original's hooks are
-# registered on it again in the fused model, where they run as they do in the original.
-_HOOKED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+# pre-hooks), with those hooks. The copy runs no hooks (fusing must not fire the caller's); such a
+# module is kept whole, as a leaf no rule reads as its class, and the hooks are registered on it
+# again in the fused model, where they run as they do in the original.
+@dataclass(frozen=True)
+class CallerHooks:
+    """The forward hooks of one of the caller's modules: {name of an `nn.Module` hook table
+    (`_forward_hooks`, `_forward_pre_hooks`, ...): its entries}."""
+
+    tables: dict[str, dict]
+
+    def describe(self) -> str:
+        """'forward pre-hook <lambda>, forward hook log_output', for reports."""
+        def name(hook) -> str:
+            return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or type(hook).__name__
+        names = [f"forward pre-hook {name(h)}" for h in self.tables.get("_forward_pre_hooks", {}).values()]
+        names += [f"forward hook {name(h)}" for h in self.tables.get("_forward_hooks", {}).values()]
+        return ", ".join(names)
 
 
-def mark_hooked(module: nn.Module, original: nn.Module) -> None:
-    _HOOKED[module] = original
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, CallerHooks]" = weakref.WeakKeyDictionary()
 
 
-def hooked_original(module: nn.Module) -> nn.Module | None:
-    """The caller's module whose hooks `module` (a part of the private copy) must run, if any."""
+def mark_hooked(module: nn.Module, hooks: CallerHooks) -> None:
+    """Keep `module` (a part of the private copy) whole, for `hooks` to run around it."""
+    _HOOKED[module] = hooks
+
+
+def caller_hooks(module: nn.Module) -> CallerHooks | None:
+    """The caller's hooks `module` (a part of the private copy) must run, if any."""
     return _HOOKED.get(module)
-
-
-def hook_names(module: nn.Module) -> str:
-    """'forward hook log_output, forward pre-hook <lambda>': the hooks of `module`, for reports."""
-    def name(hook) -> str:
-        return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or type(hook).__name__
-    names = [f"forward pre-hook {name(h)}" for h in module._forward_pre_hooks.values()]
-    names += [f"forward hook {name(h)}" for h in module._forward_hooks.values()]
-    return ", ".join(names)
 
 
 # Arguments recorded as they are: torch.fx's `Tracer.create_arg` looks for parameters, buffers,
@@ -275,10 +287,10 @@ class _FallbackTracer(torch.fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
-        original = _HOOKED.get(m)
-        if original is not None and qualname not in self.failed_leaves:
+        hooks = _HOOKED.get(m)
+        if hooks is not None and qualname not in self.failed_leaves:
             self.failed_leaves[qualname] = (
-                f"carries {hook_names(original)}: kept whole, and the fused model runs its hooks as the "
+                f"carries {hooks.describe()}: kept whole, and the fused model runs its hooks as the "
                 "original does (remove the hooks before fusing to fuse it)")
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
@@ -797,5 +809,5 @@ def is_shape_query(user: torch.fx.Node) -> bool:
     return user.op == "call_function" and user.target in (torch.numel,) or False
 
 
-__all__ = ["trace", "graph_arguments", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
+__all__ = ["trace", "graph_arguments", "CallerHooks", "caller_hooks", "mark_hooked", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
            "Constants", "Unfolded"]

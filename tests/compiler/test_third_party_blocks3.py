@@ -8,7 +8,9 @@ float64 with randomized BatchNorms."""
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from functools import partial
 
 import pytest
@@ -349,6 +351,11 @@ def test_hooks_of_the_model_itself_run_around_the_fused_graph():
     assert_same(model, fused, x, rel=1e-12)
     assert len(seen) == 2
     assert any("the model itself" in n and "forward hook" in n for n in fused.report.notes)
+    original = weakref.ref(model)
+    del model
+    gc.collect()
+    assert original() is None  # the fused model keeps the hooks, not the caller's model
+    assert fused(x).shape == (2, 8, 6, 6) and len(seen) == 3
 
 
 def test_observing_hook_leaves_the_rest_fused():
