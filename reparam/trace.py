@@ -259,8 +259,9 @@ class _FallbackTracer(torch.fx.Tracer):
         if not isinstance(value, (torch.Size, tuple)) or isinstance(value, torch.fx.Proxy):
             return None
         if any(s.op != "get_attr" for s in sources):
-            frame = inspect.currentframe()
-            caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+            caller = inspect.currentframe()
+            while caller is not None and caller.f_code.co_filename == __file__:  # the model's line
+                caller = caller.f_back
             where = f"{caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else "?"
             source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip() if caller else ""
             length = self.create_proxy("call_function", len, (proxy,), {})
@@ -295,8 +296,14 @@ class _FallbackTracer(torch.fx.Tracer):
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         if "forward" in vars(m):
-            # Traced through or not at all: a leaf call would run the class's forward instead.
-            return super().call_module(m, forward, args, kwargs)
+            # Traced through or not at all: a leaf call would run the class's forward instead, so
+            # the module that makes this call is kept whole (it sets the forward it calls).
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except Exception as exc:
+                reason = (f"{qualname} runs a forward set on its instance ({_callable_name(vars(m)['forward'])}), "
+                          f"which cannot be traced: {type(exc).__name__}: {first_line(exc)}")
+                raise TraceFailure(reason, reason) from exc
         last = self.graph._root.prev  # the newest node before this call
         stack = dict(self.module_stack) if hasattr(self, "module_stack") else None
         calls = dict(self.num_calls) if hasattr(self, "num_calls") else None
@@ -316,6 +323,12 @@ class _FallbackTracer(torch.fx.Tracer):
                 self.num_calls.update(calls)
             self.failed_leaves[qualname] = f"{type(exc).__name__}: {first_line(exc)}"
             return super().call_module(m, forward, args, kwargs)
+
+
+def _callable_name(fn) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({_callable_name(fn.func)}, ...)"
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 @functools.lru_cache(maxsize=256)

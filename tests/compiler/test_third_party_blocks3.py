@@ -215,6 +215,45 @@ def test_efficient_conv_bn_eval_in_a_residual_block_fuses_with_the_skip():
     assert any("add" in "".join(r.members) for r in fused.report.regions)  # the skip went into conv2
 
 
+def test_patched_forward_that_cannot_be_traced_keeps_its_caller_whole_with_the_reason():
+    def checked_conv_bn(bn, conv, x):
+        if x.abs().max() > 1e6:  # data-dependent: cannot be traced
+            raise ValueError("input out of range")
+        return efficient_conv_bn_eval_forward(bn, conv, x)
+
+    model = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), randomize_bn(nn.BatchNorm2d(6)),
+                          ConvModule(6, 8, 3, padding=1, efficient_conv_bn_eval=True))
+    model[2].efficient_conv_bn_eval_forward = checked_conv_bn
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    fused = fuse64(model, x)
+    [leaf] = fused.report.leaves
+    assert leaf.module == "2" and "conv runs a forward set on its instance (partial(" in leaf.reason
+    assert n_convs(fused) == 1 and n_bns(fused) == 0  # the first conv-bn still folds; the leaf is whole
+
+
+def test_rank_read_with_len_is_decided_and_guarded():
+    class ChannelsLastNorm(nn.Module):
+        """A norm for channels-last or channels-first input, by the rank of its weight and input."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn = randomize_bn(nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            if len(x.shape) == 3:  # unbatched
+                x = x.unsqueeze(0)
+            assert len(self.conv.weight.shape) == 4
+            return self.bn(self.conv(x))
+
+    model = ChannelsLastNorm(6)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    fused = fuse64(model, x)
+    assert not fused.report.leaves and n_bns(fused) == 0 and n_convs(fused) == 1
+    with pytest.raises(Exception, match="len"):
+        fused(torch.randn(6, 5, 5, dtype=torch.float64))  # the other branch: refused, not miscomputed
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.nn.utils.weight_norm / spectral_norm (deprecated hook API)
 # ------------------------------------------------------------------------------------------------
@@ -330,6 +369,7 @@ def test_hooked_conv_is_kept_whole_and_its_hook_runs():
 def test_pre_hooked_block_is_kept_whole_and_fused_inside():
     model = Stem().double()
     model.block.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    model.block.register_forward_pre_hook(lambda module, args, kwargs: ((args[0] + 1,), kwargs), with_kwargs=True)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     fused = reparam.fuse(model, x)
     assert_same(model, fused, x, rel=1e-12)
