@@ -204,8 +204,7 @@ def _check_inputs(example_input, name: str) -> tuple:
     for i, value in enumerate(inputs):
         what = "`example_input`" if len(inputs) == 1 and not isinstance(example_input, (tuple, list)) \
             else f"`example_input[{i}]`"
-        leaves, spec = tree_flatten(value)
-        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves) or not _plain_containers(value):
+        if not _is_input(value):
             raise InputError(f"{what} must be a torch.Tensor, or a tuple, list or dict of tensors, got "
                              f"{_describe_value(value)}; pass a tensor, or a tuple with one such value per "
                              f"positional argument of {name}.forward")
