@@ -621,47 +621,60 @@ def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, re
 
 
 def _call_arguments(module: nn.Module, calls: list) -> tuple[tuple, dict, str | None]:
-    """(tensor inputs, other arguments by name, None) to trace `module` with, from the calls its
-    untraceable caller makes (`self.block(x, activate=False)`); or a reason why it cannot be.
+    """(inputs, other arguments by name, None) to trace `module` with, from the calls its
+    untraceable caller makes (`self.block(x, activate=False)`, `blk(x, H, W)`); or a reason why
+    it cannot be.
 
-    Tensors must come first and by position; the arguments after them are fixed while tracing
-    (and guarded), so every call must pass the same ones."""
-    args, kwargs = calls[0]
-    n_tensors = next((i for i, a in enumerate(args) if not _is_input(a)), len(args))
-    if n_tensors == 0:
-        return (), {}, "called without a tensor as its first argument, which reparam cannot trace it with"
-    rest = args[n_tensors:]
-    if any(isinstance(t, torch.Tensor) for a in (*rest, *kwargs.values()) for t in tree_flatten(a)[0]):
-        return (), {}, ("called with tensors after other arguments or by keyword, which reparam cannot "
-                        "trace it with")
-    given = dict(kwargs)
-    if rest:
-        try:
-            bound = inspect.signature(module.forward).bind_partial(*args)
-        except (TypeError, ValueError):
-            return (), {}, "called with arguments its forward's signature does not name"
-        names = list(bound.arguments)
-        for i, value in enumerate(rest, start=n_tensors):
-            if i >= len(names) or inspect.signature(module.forward).parameters[names[i]].kind is \
-                    inspect.Parameter.VAR_POSITIONAL:
-                return (), {}, "called with non-tensor arguments into *args, which reparam cannot trace it with"
-            given[names[i]] = value
+    The inputs are the leading arguments that are tensors (or tuples, lists, dicts of them) or
+    ints (sizes, such as `H, W`: traced as inputs, so that the fused form takes any size). The
+    arguments after them are fixed while tracing (and guarded), so every call must pass the same."""
+    split = [_split_call(module, args, kwargs) for args, kwargs in calls]
+    for inputs, given, why_not in split:
+        if why_not is not None:
+            return (), {}, why_not
+    inputs, given, _ = split[0]
+
     def same(a, b) -> bool:
         return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
 
-    for other_args, other_kwargs in calls[1:]:
-        if (len(other_args) != len(args) or other_kwargs.keys() != kwargs.keys()
-                or not all(same(a, b) for a, b in zip(other_args[n_tensors:], rest))
-                or not all(same(other_kwargs[k], v) for k, v in kwargs.items())):
+    for _, other, _ in split[1:]:
+        if other.keys() != given.keys() or not all(same(other[k], v) for k, v in given.items()):
             return (), {}, ("called with different non-tensor arguments at different places; one fused form "
                             "computes one case")
     from .trace import fixed_arguments
-    fixed = fixed_arguments(module, n_tensors, given)
+    fixed = fixed_arguments(module, len(inputs), given)
     unguarded = [k for k in given if k not in fixed]
     if unguarded:
         return (), {}, (f"called with {', '.join(unguarded)} of a kind reparam cannot fix while tracing "
                         "(not None, a bool, a number or a string)")
-    return tuple(args[:n_tensors]), given, None
+    return inputs, given, None
+
+
+def _split_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:
+    """One call's (inputs, fixed arguments by name, None), or a reason (see `_call_arguments`)."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (), {}, "called with arguments its forward's signature does not take"
+    inputs: list = []
+    given: dict = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            if value:
+                return (), {}, "called with arguments into *args or **kwargs, which reparam cannot trace it with"
+            continue
+        if _is_input(value) or type(value) is int:
+            if given or kind is inspect.Parameter.KEYWORD_ONLY:
+                return (), {}, (f"called with {name} (a tensor or a size) after arguments that are fixed while "
+                                "tracing, which reparam cannot trace it with")
+            inputs.append(value)
+        else:
+            given[name] = value
+    if not inputs or not _is_input(inputs[0]):
+        return (), {}, "called without a tensor as its first argument, which reparam cannot trace it with"
+    return tuple(inputs), given, None
 
 
 def _outermost(names) -> list[str]:
@@ -761,7 +774,7 @@ def _device_of(module: nn.Module, inputs: tuple) -> torch.device:
         return p.device
     for b in module.buffers():
         return b.device
-    return tree_flatten(inputs)[0][0].device
+    return next(t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)).device
 
 
 __all__ = ["fuse", "explain"]

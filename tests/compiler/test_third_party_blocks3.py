@@ -182,6 +182,43 @@ def test_child_called_with_different_switches_is_refused_by_name():
     assert n_bns(fused.stem) == 0
 
 
+def test_block_called_with_sizes_takes_any_size():
+    class TokenMixer(nn.Module):
+        """PVT/Swin style: tokens [B, N, C] and the map size passed along by the caller."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+            self.bn = randomize_bn(nn.BatchNorm2d(c))
+
+        def forward(self, x, H, W, return_map=False):
+            B, N, C = x.shape
+            y = self.bn(self.dw(x.transpose(1, 2).reshape(B, C, H, W)))
+            return y if return_map else y.flatten(2).transpose(1, 2)
+
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([TokenMixer(8), TokenMixer(8)])
+
+        def forward(self, x):
+            B, C, H, W = x.shape
+            x = x.flatten(2).transpose(1, 2)
+            for i, blk in enumerate(self.blocks):
+                if x.abs().max() > 1e6:  # data-dependent: the stage stays a leaf, fused inside
+                    break
+                x = blk(x, H, W, return_map=i == len(self.blocks) - 1)
+            return x
+
+    model = Stage()
+    fused = fuse64(model, torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    assert not fused.report.refusals
+    assert all(n_bns(fused.blocks[i]) == 0 for i in range(2))
+    notes = " ".join(fused.report.notes)
+    assert "blocks.0: traced with return_map=False" in notes and "blocks.1: traced with return_map=True" in notes
+    assert_same(model, fused, torch.randn(1, 8, 5, 7, dtype=torch.float64), rel=1e-12)  # H, W are not fixed
+
+
 def test_efficient_conv_bn_eval_is_traced_through_the_patched_forward():
     model = ConvModule(6, 8, 3, padding=1, efficient_conv_bn_eval=True)
     x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
