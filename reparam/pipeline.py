@@ -531,7 +531,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
         args, kwargs = calls[0]
         if caller_hooks(gm.get_submodule(target)) is not None:
             # Kept whole for its hooks, but its own forward may well be traceable.
-            regions = _fuse_child(gm, target, calls, f"{prefix}{target}.", report)
+            regions = _fuse_child(gm, target, calls, f"{prefix}{target}.", report, listed=True)
         else:
             regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
         reason = failed[target] + (f" (called at {len(calls)} places)" if len(calls) > 1 else "")
@@ -584,10 +584,11 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
 
 
 def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, report: Report,
-                totals: bool = False) -> int | None:
+                totals: bool = False, listed: bool = False) -> int | None:
     """Fuse submodule `child_name` of `module` whole (traced with the arguments of `calls`, its
     calls seen on the example input), or else inside; it is replaced in `module` when regions
-    were fused. Returns the number of regions fused, or None when nothing in it could be traced."""
+    were fused. Returns the number of regions fused, or None when nothing in it could be traced.
+    `listed`: the caller lists it among the leaves already (when it cannot be traced)."""
     child = module.get_submodule(child_name)
     c_args, given, why_not = _call_arguments(child, calls)
     if why_not is not None:
@@ -597,7 +598,7 @@ def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, re
         child_gm, inner = _fuse_module(child, c_args, type(child).__name__, prefix, given)
     except TraceFailure:
         inside = _fuse_inside(child, *calls[0], prefix, report, totals)
-        if inside is not None:
+        if inside is not None and not listed:
             report.leaves.append(Leaf(prefix[:-1], "its forward cannot be traced", inside))
         return inside
     except Exception as exc:

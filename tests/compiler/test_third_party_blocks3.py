@@ -512,3 +512,24 @@ def test_tuple_given_as_separate_arguments_says_how_to_pass_it():
     with pytest.raises(reparam.InputError, match=r"example_input\[0\]` must be a torch.Tensor, or a tuple, list "
                                                  r"or dict of tensors, got a tuple of int"):
         reparam.fuse(model, ((1, 2),))
+
+
+def test_hooked_block_that_cannot_be_traced_is_listed_once_and_fused_inside():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(8)))
+
+        def forward(self, x):
+            if x.abs().max() > 1e6:  # data-dependent
+                return x
+            return self.body(x)
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), Gated())
+    model[1].register_forward_hook(lambda m, i, o: o.clamp(min=-1))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model.double(), x)
+    assert_same(model, fused, x, rel=1e-12)
+    assert [leaf.module for leaf in fused.report.leaves] == ["1"]
+    assert "forward hook" in fused.report.leaves[0].reason and fused.report.leaves[0].fused_inside == 1
+    assert n_bns(fused.get_submodule("1.body")) == 0 and fused.get_submodule("1")._forward_hooks
