@@ -8,6 +8,7 @@ The pipeline, on a private eval-mode copy of the caller's model:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import replace
 import copy
 import copyreg
@@ -19,7 +20,10 @@ from functools import partial
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.nn.utils.prune import BasePruningMethod as _Pruning
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNorm
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
@@ -32,8 +36,12 @@ from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_chec
                              restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
-from .trace import dtype_of, fold_constants, is_shape_query, propagate_shapes, trace
+from .trace import (CallerHooks, caller_hooks, dtype_of, fold_constants, graph_arguments, is_shape_query,
+                    mark_hooked, propagate_shapes, trace)
 from .verify import check, compare
+
+# Forward pre-hooks of torch.nn.utils that compute a weight before every call (see `_apply_weight_hook`).
+_WEIGHT_HOOKS = (_WeightNorm, _SpectralNorm, _Pruning)
 
 
 def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: float | None = None,
@@ -41,10 +49,18 @@ def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: fl
     """Return the inference form of `model`: every exactly fusible linear structure in one conv.
 
     Args:
-        model: any `nn.Module` in its training form. It is never modified.
-        example_input: a tensor, or a tuple of tensors, that `model` accepts. Used for tracing
-            shapes, cost decisions, the report's counts, and verification. It is never modified
-            (every run reads a copy, so a model that updates its input in place is fine).
+        model: any `nn.Module` in its training form. It is never modified. Hooks registered on
+            it never fire while fusing; a module that carries forward hooks is kept whole and the
+            fused model runs its hooks as the original does (the report names it). The weights that
+            `torch.nn.utils.weight_norm`, `spectral_norm` and `prune` compute before each call are
+            computed once, as in eval mode.
+        example_input: the positional arguments of `model.forward`: a tensor or a dict of tensors
+            (one argument), or a tuple or list with one value per argument, each a tensor or a
+            tuple, list or dict of tensors (`((x1, x2),)` passes one pair). Further arguments of
+            `forward` keep their defaults (`forward(x, norm=True)`): the fused model computes that
+            case and fails with an AssertionError for another value. Used for tracing shapes, cost
+            decisions, the report's counts, and verification. It is never modified (every run
+            reads a copy, so a model that updates its input in place is fine).
         verify: how to check the fused model on `example_input`; `VerificationError` if it fails.
             - True (default): run the original (in eval mode) and the fused module in the model's
               own dtype and compare. When they disagree, both are also compared in float64: if
@@ -90,6 +106,8 @@ def fuse(model: nn.Module, example_input, *, verify: bool | str = True, rtol: fl
                     "This is a bug in reparam (please report it with the model); pass verify=False to "
                     "get the fused model anyway.", result.max_abs_diff, result.allowed)
             report.max_abs_diff, report.tolerance = result.max_abs_diff, result.allowed
+    report.notes += _weight_hook_notes(model)
+    report.notes += _restore_hooks(fused)  # after every run: the caller's hooks never fire while fusing
     fused.report = report
     return fused
 
@@ -111,7 +129,7 @@ def _compare_in_float64(model: nn.Module, inputs: tuple, name: str):
 
     Returns (original output, fused output, comparison at the float64 tolerance)."""
     work64 = _private_copy(model, name).double()
-    inputs64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    inputs64 = tuple(_as_float64(v) for v in inputs)
     reference64 = _run_reference(work64, _cloned(inputs64), name)
     fused64, _ = _fuse_top(work64, inputs64, name)
     output64 = fused64(*_cloned(inputs64))
@@ -172,17 +190,51 @@ def _check_model(model) -> str:
     return name
 
 
-def _check_inputs(example_input, name: str) -> tuple[torch.Tensor, ...]:
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+def _check_inputs(example_input, name: str) -> tuple:
+    """The positional arguments `example_input` stands for: a tensor or a dict is one argument, a
+    tuple or list holds one per argument. Each is a tensor, or a tuple, list or dict of tensors
+    (nested as deep as the model takes them)."""
+    if isinstance(example_input, (tuple, list)):
+        inputs = tuple(example_input)
+    else:
+        inputs = (example_input,)
     if not inputs:
         raise InputError("`example_input` is empty: pass a tensor or a tuple of tensors that "
                          f"{name} accepts")
     for i, value in enumerate(inputs):
-        if not isinstance(value, torch.Tensor):
-            what = "`example_input`" if len(inputs) == 1 else f"`example_input[{i}]`"
-            raise InputError(f"{what} must be a torch.Tensor, got {type(value).__name__}; pass a tensor or "
-                             f"a tuple of tensors that {name} accepts")
-    return tuple(inputs)
+        what = "`example_input`" if len(inputs) == 1 and not isinstance(example_input, (tuple, list)) \
+            else f"`example_input[{i}]`"
+        if not _is_input(value):
+            raise InputError(f"{what} must be a torch.Tensor, or a tuple, list or dict of tensors, got "
+                             f"{_describe_value(value)}; pass a tensor, or a tuple with one such value per "
+                             f"positional argument of {name}.forward")
+    return inputs
+
+
+def _is_input(value) -> bool:
+    """A tensor, or a tuple, list or dict of tensors: what reparam traces as an input."""
+    leaves = tree_flatten(value)[0]
+    return bool(leaves) and all(isinstance(t, torch.Tensor) for t in leaves) and _plain_containers(value)
+
+
+def _plain_containers(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if type(value) in (tuple, list):
+        return all(_plain_containers(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) for k in value) and all(_plain_containers(v) for v in value.values())
+    return False
+
+
+def _describe_value(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {str(value.dtype).replace('torch.', '')} tensor"
+    if type(value) in (tuple, list, dict):
+        items = value.values() if isinstance(value, dict) else value
+        kinds = sorted({type(v).__name__ for v in items})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__
 
 
 def _private_copy(model: nn.Module, name: str) -> nn.Module:
@@ -260,13 +312,20 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     cls = type(module)
     if not _copies_like_a_module(cls):
         memo[_GENERIC] = True
-        return copy.deepcopy(module, memo)
+        copied = copy.deepcopy(module, memo)
+        for original, copied_module in zip(module.modules(), copied.modules()):
+            hooks = _caller_hooks(original)
+            if hooks is not None:
+                mark_hooked(copied_module, hooks)
+        return copied
     new = cls.__new__(cls)
     memo[key] = new
     memo.setdefault(id(memo), []).append(module)  # keep the original alive while ids are keys
+    weight_hooks = _weight_hooks(module)
+    computed = {_computed_name(hook) for hook in weight_hooks}
     state = {}
     for name, value in module.__dict__.items():
-        if name == "_compiled_call_impl":
+        if name == "_compiled_call_impl" or name in computed:
             continue
         if name in _DROPPED_HOOKS and type(value) is OrderedDict:
             state[name] = OrderedDict()
@@ -281,7 +340,66 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
         else:
             state[name] = _copy_value(value, memo)
     new.__setstate__(state)
+    for hook in weight_hooks:
+        _apply_weight_hook(new, hook)
+    hooks = _caller_hooks(module)
+    if hooks is not None:
+        mark_hooked(new, hooks)
     return new
+
+
+def _weight_hooks(module: nn.Module) -> list:
+    """The forward pre-hooks of `torch.nn.utils.weight_norm`, `spectral_norm` and `prune` on
+    `module`: they compute a weight (a plain attribute, not a parameter) before every call."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
+
+
+def _computed_name(hook) -> str:
+    return hook._tensor_name if isinstance(hook, _Pruning) else hook.name
+
+
+def _apply_weight_hook(module: nn.Module, hook) -> None:
+    """Compute the weight `hook` computes before each call once, as the eval-mode model does, and
+    make it a parameter of `module` (a part of the private copy, which runs no hooks)."""
+    if isinstance(hook, _SpectralNorm):
+        weight = hook.compute_weight(module, do_power_iteration=False)  # what eval mode computes
+    elif isinstance(hook, _Pruning):
+        weight = hook.apply_mask(module)
+    else:
+        weight = hook.compute_weight(module)
+    module.register_parameter(_computed_name(hook), nn.Parameter(weight.detach().clone(), requires_grad=False))
+
+
+def _caller_hooks(module: nn.Module) -> CallerHooks | None:
+    """The forward hooks and forward pre-hooks of its user `module` carries (not weight hooks)."""
+    if not module._forward_hooks and all(isinstance(h, _WEIGHT_HOOKS) for h in module._forward_pre_hooks.values()):
+        return None
+    tables = {}
+    for table in _HOOK_TABLES:
+        hooks = getattr(module, table, None)
+        if isinstance(hooks, dict):
+            tables[table] = {k: h for k, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS)}
+    return CallerHooks(tables)
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _restore_hooks(fused: nn.Module) -> list[str]:
+    """Register on the fused model the caller's hooks of the modules kept whole for them (and of
+    the model itself); returns a note per module. Weight hooks were applied once: not these."""
+    notes = []
+    for path, m in fused.named_modules(remove_duplicate=True):
+        hooks = caller_hooks(m)
+        if hooks is None:
+            continue
+        for table, entries in hooks.tables.items():
+            kind = type(getattr(m, table, None))
+            setattr(m, table, OrderedDict(entries) if kind is OrderedDict else dict(entries))
+        where = path or f"{type(m).__name__} (the model itself)"
+        notes.append(f"{where}: carries {hooks.describe()}, which the fused model runs as the original does")
+    return notes
 
 
 def _copy_value(value, memo: dict):
@@ -313,25 +431,59 @@ def _run_reference(work: nn.Module, inputs, name: str):
     try:
         return work(*inputs)
     except Exception as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                           else _describe_value(t) for t in inputs)
+        hint = _arguments_hint(work, inputs, name) if isinstance(exc, TypeError) else ""
         raise InputError(f"{name} rejected example_input ({shapes}): {type(exc).__name__}: "
-                         f"{first_line(exc)}") from exc
+                         f"{first_line(exc)}{hint}") from exc
+
+
+def _arguments_hint(model: nn.Module, inputs: tuple, name: str) -> str:
+    """When `forward` takes fewer positional arguments than `example_input` gave: how to pass one
+    tuple or list as a single argument."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return ""
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) <= len(positional):
+        return ""
+    return (f". A tuple or list as example_input holds one value per positional argument; {name}.forward "
+            f"takes {len(positional)} ({', '.join(positional)}): to pass a tuple or list as one argument, wrap "
+            f"it: example_input=((x1, x2),)")
 
 
 def _cloned(inputs: tuple) -> tuple:
     """Copies of the example inputs: a model may update its input in place, and the caller's
     tensors must stay as they were (and every run must see the same values)."""
-    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return tuple(tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v) for v in inputs)
 
 
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
 
+def _weight_hook_notes(model: nn.Module) -> list[str]:
+    notes = []
+    for path, m in model.named_modules():
+        for hook in _weight_hooks(m):
+            how = ("spectral_norm" if isinstance(hook, _SpectralNorm) else "prune" if isinstance(hook, _Pruning)
+                   else "weight_norm")
+            notes.append(f"{path or type(model).__name__}: its {_computed_name(hook)} is computed by torch.nn.utils.{how} "
+                         "before every call; the fused model computes it once, as the model in eval mode does")
+    return notes
+
+
 def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Report]:
     """Fuse the model; when its own forward cannot be traced, fuse inside its submodules."""
     try:
-        return _fuse_module(work, inputs, name)
+        fused, report = _fuse_module(work, inputs, name)
+        hooks = caller_hooks(work)
+        if hooks is not None:  # the model's own hooks run around the fused graph
+            mark_hooked(fused, hooks)
+        return fused, report
     except TraceFailure as exc:
         failure = exc
     report = Report(model=name)
@@ -351,24 +503,33 @@ def _fuse_top(work: nn.Module, inputs: tuple, name: str) -> tuple[nn.Module, Rep
     return work, report
 
 
-def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") -> tuple[torch.fx.GraphModule, Report]:
+def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
+                 given: dict | None = None) -> tuple[torch.fx.GraphModule, Report]:
     """Fuse a traceable module in place of its graph; recurses into untraceable submodules.
 
+    `given`: values of further (non-tensor) arguments of its forward, by name (see `trace.trace`).
     Raises `TraceFailure` when `module.forward` itself cannot be traced."""
     if "forward" in vars(module):
         # `self.forward = self.forward_layer_scale` in __init__ (FasterNet, mmcv): torch.fx traces
         # the class's forward, not the one this module runs.
         reason = "its forward is replaced on the instance (self.forward = ...), which torch.fx does not trace"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason)
-    gm, failed = trace(module, inputs)
+    gm, failed = trace(module, inputs, given)
     try:
-        _, leaf_inputs = propagate_shapes(gm, _cloned(inputs), set(failed), values=False)
+        _, leaf_inputs = propagate_shapes(gm, graph_arguments(gm, _cloned(inputs)), set(failed), values=False)
     except Exception as exc:
         _run_reference(module, _cloned(inputs), name)  # raises the clear error if the input is at fault
         raise TraceFailure(f"the traced graph of {name} fails where the module itself runs: "
                            f"{type(exc).__name__}: {first_line(exc)}") from exc
     report = Report(model=name)
     report.before = counts(gm)
+    fixed = gm.meta.get("reparam_fixed_arguments")
+    if fixed:
+        where = prefix[:-1] or name
+        values = ", ".join(f"{k}={v!r}" for k, v in fixed.items())
+        report.notes.append(f"{where}: traced with {values} (the values it was called with, or their defaults): the "
+                            "fused model computes that case only, and another value for any of them fails with "
+                            "an AssertionError")
     referenced = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     fill_borders(gm)  # DBB's pad-then-fill-the-border, before its in-place updates are judged
     kept = functionalize(gm, is_shape_query)
@@ -391,7 +552,11 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "") 
     for target, calls in sites.items():
         # Fusion is exact for every input, so one call's inputs serve all call sites.
         args, kwargs = calls[0]
-        regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
+        if caller_hooks(gm.get_submodule(target)) is not None:
+            # Kept whole for its hooks, but its own forward may well be traceable.
+            regions = _fuse_child(gm, target, calls, f"{prefix}{target}.", report, listed=True)
+        else:
+            regions = _fuse_inside(gm.get_submodule(target), args, kwargs, f"{prefix}{target}.", report)
         reason = failed[target] + (f" (called at {len(calls)} places)" if len(calls) > 1 else "")
         report.leaves.append(Leaf(f"{prefix}{target}", reason, regions))
     for qualname, reason in failed.items():  # leaves never reached on the example input
@@ -434,38 +599,106 @@ def _fuse_inside(module: nn.Module, args: tuple, kwargs: dict, prefix: str, repo
             h.remove()
     fused, traced = 0, False
     for child_name in _outermost(calls):
-        child = module.get_submodule(child_name)
-        c_args, c_kwargs = calls[child_name][0]
-        child_prefix = f"{prefix}{child_name}."
-        if c_kwargs or not c_args or not all(isinstance(a, torch.Tensor) for a in c_args):
-            report.refusals.append(Refusal(child_prefix[:-1], "not fused: called with keyword or non-tensor "
-                                           "arguments, which reparam cannot trace it with"))
-            continue
-        try:
-            child_gm, inner = _fuse_module(child, c_args, type(child).__name__, child_prefix)
-        except TraceFailure:
-            inside = _fuse_inside(child, c_args, {}, child_prefix, report, totals)
-            if inside is not None:
-                traced = True
-                report.leaves.append(Leaf(child_prefix[:-1], "its forward cannot be traced", inside))
-                fused += inside
-            continue
-        except Exception as exc:
-            report.refusals.append(Refusal(child_prefix[:-1], f"not fused: fusing it failed with "
-                                           f"{type(exc).__name__}: {first_line(exc)}"))
-            continue
-        # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
-        traced = traced or _has_state(child)
-        if inner.regions:
-            owner, _, attr = child_name.rpartition(".")
-            setattr(module.get_submodule(owner) if owner else module, attr, _with_interface_of(child, child_gm))
-            report.regions.extend(inner.regions)
-            fused += len(inner.regions)
-        report.refusals.extend(inner.refusals)
-        report.leaves.extend(inner.leaves)
-        if totals:
-            _add_counts(report, inner)
+        outcome = _fuse_child(module, child_name, calls[child_name], f"{prefix}{child_name}.", report, totals)
+        if outcome is not None:
+            fused += outcome
+            traced = traced or outcome > 0 or _has_state(module.get_submodule(child_name))
     return fused if traced else None
+
+
+def _fuse_child(module: nn.Module, child_name: str, calls: list, prefix: str, report: Report,
+                totals: bool = False, listed: bool = False) -> int | None:
+    """Fuse submodule `child_name` of `module` whole (traced with the arguments of `calls`, its
+    calls seen on the example input), or else inside; it is replaced in `module` when regions
+    were fused. Returns the number of regions fused, or None when nothing in it could be traced.
+    `listed`: the caller lists it among the leaves already (when it cannot be traced)."""
+    child = module.get_submodule(child_name)
+    c_args, given, why_not = _call_arguments(child, calls)
+    if why_not is not None:
+        report.refusals.append(Refusal(prefix[:-1], f"not fused: {why_not}"))
+        return None
+    try:
+        child_gm, inner = _fuse_module(child, c_args, type(child).__name__, prefix, given)
+    except TraceFailure:
+        inside = _fuse_inside(child, *calls[0], prefix, report, totals)
+        if inside is not None and not listed:
+            report.leaves.append(Leaf(prefix[:-1], "its forward cannot be traced", inside))
+        return inside
+    except Exception as exc:
+        report.refusals.append(Refusal(prefix[:-1], f"not fused: fusing it failed with "
+                                       f"{type(exc).__name__}: {first_line(exc)}"))
+        return None
+    if inner.regions:
+        owner, _, attr = child_name.rpartition(".")
+        replacement = _with_interface_of(child, child_gm)
+        if caller_hooks(child) is not None:
+            mark_hooked(replacement, caller_hooks(child))
+        setattr(module.get_submodule(owner) if owner else module, attr, replacement)
+        report.regions.extend(inner.regions)
+    report.refusals.extend(inner.refusals)
+    report.leaves.extend(inner.leaves)
+    report.notes.extend(inner.notes)
+    if totals:
+        _add_counts(report, inner)
+    # A traced submodule without parameters or buffers (an activation) has nothing to fuse.
+    return len(inner.regions) if (inner.regions or _has_state(child)) else None
+
+
+def _call_arguments(module: nn.Module, calls: list) -> tuple[tuple, dict, str | None]:
+    """(inputs, other arguments by name, None) to trace `module` with, from the calls its
+    untraceable caller makes (`self.block(x, activate=False)`, `blk(x, H, W)`); or a reason why
+    it cannot be.
+
+    The inputs are the leading arguments that are tensors (or tuples, lists, dicts of them) or
+    ints (sizes, such as `H, W`: traced as inputs, so that the fused form takes any size). The
+    arguments after them are fixed while tracing (and guarded), so every call must pass the same."""
+    split = [_split_call(module, args, kwargs) for args, kwargs in calls]
+    for inputs, given, why_not in split:
+        if why_not is not None:
+            return (), {}, why_not
+    inputs, given, _ = split[0]
+
+    def same(a, b) -> bool:
+        return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+
+    for _, other, _ in split[1:]:
+        if other.keys() != given.keys() or not all(same(other[k], v) for k, v in given.items()):
+            return (), {}, ("called with different non-tensor arguments at different places; one fused form "
+                            "computes one case")
+    from .trace import fixed_arguments
+    fixed = fixed_arguments(module, len(inputs), given)
+    unguarded = [k for k in given if k not in fixed]
+    if unguarded:
+        return (), {}, (f"called with {', '.join(unguarded)} of a kind reparam cannot fix while tracing "
+                        "(not None, a bool, a number or a string)")
+    return inputs, given, None
+
+
+def _split_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:
+    """One call's (inputs, fixed arguments by name, None), or a reason (see `_call_arguments`)."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (), {}, "called with arguments its forward's signature does not take"
+    inputs: list = []
+    given: dict = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            if value:
+                return (), {}, "called with arguments into *args or **kwargs, which reparam cannot trace it with"
+            continue
+        if _is_input(value) or type(value) is int:
+            if given or kind is inspect.Parameter.KEYWORD_ONLY:
+                return (), {}, (f"called with {name} (a tensor or a size) after arguments that are fixed while "
+                                "tracing, which reparam cannot trace it with")
+            inputs.append(value)
+        else:
+            given[name] = value
+    if not inputs or not _is_input(inputs[0]):
+        return (), {}, "called without a tensor as its first argument, which reparam cannot trace it with"
+    return tuple(inputs), given, None
 
 
 def _outermost(names) -> list[str]:
@@ -565,7 +798,7 @@ def _device_of(module: nn.Module, inputs: tuple) -> torch.device:
         return p.device
     for b in module.buffers():
         return b.device
-    return inputs[0].device
+    return next(t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)).device
 
 
 __all__ = ["fuse", "explain"]

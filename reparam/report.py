@@ -62,6 +62,9 @@ class Report:
     max_abs_diff: float | None = None  # measured on the example input, None if not verified
     tolerance: float | None = None  # the allowed absolute difference used for verification
     fuse_seconds: float | None = None  # time spent fusing, verification excluded
+    # What the fused model assumes or keeps that the caller should know (arguments fixed to the
+    # values they had when fused, hooks kept, weight normalizations applied once).
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +104,9 @@ class Report:
             rows = [[l.module, l.reason, l.fused_inside] for l in self.leaves]
             parts.append("Untraceable submodules (kept as leaves)\n"
                          + format_table(["module", "reason", "fused inside"], rows))
+        if self.notes:
+            parts.append("Notes\n" + "\n".join(textwrap.fill(n, 100, initial_indent="- ", subsequent_indent="  ")
+                                                for n in self.notes))
         return "\n\n".join(parts)
 
 

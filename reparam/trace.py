@@ -2,7 +2,11 @@
 
 A submodule whose `forward` cannot be traced (data-dependent control flow, say) is kept whole as a
 leaf call; the caller fuses inside it separately. Only the model's own top-level `forward` must be
-traceable.
+traceable. A submodule that carries the caller's hooks is kept whole too (see `mark_hooked`); one
+whose instance has a `forward` of its own when called (mmcv patches one in for a single call) is
+traced through that function. Further arguments of the top-level `forward` (`norm=True`) are fixed
+to their defaults, or to the values given, under a guard; inputs given as tuples, lists or dicts of
+tensors become one graph input per tensor.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import inspect
 import linecache
 import operator
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -20,11 +25,14 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx import traceback as fx_traceback
+from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .affine import widened
-from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, _untraced, describe, guard_message, outcome_matters,
-                       reads_requires_grad, reads_sizes, tests_emptiness)
+from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, _untraced, describe, guard_message, metadata_sources,
+                       outcome_matters, reads_requires_grad, reads_sizes, tests_emptiness)
 from .errors import TraceFailure, first_line
 from .passes.cleanup import remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
@@ -65,8 +73,33 @@ class _Proxy(torch.fx.Proxy):
     def __float__(self):
         return float(self.tracer.constant_value(self, "float()"))
 
+    def __getattr__(self, k: str):
+        return _Attribute(self, k)
+
     def __len__(self):
-        return len(self.tracer.constant_value(self, "len()"))
+        return _length(self)
+
+
+def _length(proxy: torch.fx.Proxy) -> int:
+    """`len(conv.weight.shape)`, `len(x.shape)`: a rank, known from the example input (see
+    `_FallbackTracer.length_of`); torch.fx itself cannot take the length of a traced value."""
+    if not isinstance(proxy.tracer, _FallbackTracer):
+        return torch.fx.Proxy.__len__(proxy)
+    length = proxy.tracer.length_of(proxy)
+    if length is None:  # `len(self.scales)`: a parameter's length is the same for every input
+        value = _constant_value(proxy.tracer.root, proxy.tracer.graph, proxy.node)
+        if value is not _NOT_CONSTANT and not isinstance(value, torch.fx.Proxy):
+            return len(value)
+    return torch.fx.Proxy.__len__(proxy) if length is None else length
+
+
+class _Attribute(torch.fx.proxy.Attribute):
+    """An attribute of a traced value (`w.shape`) with the length `_Proxy` gives."""
+
+    def __len__(self):
+        return _length(self)
+
+    __int__, __index__, __float__ = _Proxy.__int__, _Proxy.__index__, _Proxy.__float__
 
 
 class _ModuleStack(OrderedDict):
@@ -76,6 +109,39 @@ class _ModuleStack(OrderedDict):
 
     def __copy__(self):
         return OrderedDict(self)
+
+
+# Modules of the private copy `fuse` works on whose originals carry forward hooks (or forward
+# pre-hooks), with those hooks. The copy runs no hooks (fusing must not fire the caller's); such a
+# module is kept whole, as a leaf no rule reads as its class, and the hooks are registered on it
+# again in the fused model, where they run as they do in the original.
+@dataclass(frozen=True)
+class CallerHooks:
+    """The forward hooks of one of the caller's modules: {name of an `nn.Module` hook table
+    (`_forward_hooks`, `_forward_pre_hooks`, ...): its entries}."""
+
+    tables: dict[str, dict]
+
+    def describe(self) -> str:
+        """'forward pre-hook <lambda>, forward hook log_output', for reports."""
+        def name(hook) -> str:
+            return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or type(hook).__name__
+        names = [f"forward pre-hook {name(h)}" for h in self.tables.get("_forward_pre_hooks", {}).values()]
+        names += [f"forward hook {name(h)}" for h in self.tables.get("_forward_hooks", {}).values()]
+        return ", ".join(names)
+
+
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, CallerHooks]" = weakref.WeakKeyDictionary()
+
+
+def mark_hooked(module: nn.Module, hooks: CallerHooks) -> None:
+    """Keep `module` (a part of the private copy) whole, for `hooks` to run around it."""
+    _HOOKED[module] = hooks
+
+
+def caller_hooks(module: nn.Module) -> CallerHooks | None:
+    """The caller's hooks `module` (a part of the private copy) must run, if any."""
+    return _HOOKED.get(module)
 
 
 # Arguments recorded as they are: torch.fx's `Tracer.create_arg` looks for parameters, buffers,
@@ -205,6 +271,35 @@ class _FallbackTracer(torch.fx.Tracer):
         self.create_proxy("call_function", torch._assert, (condition, message), {})
         return decided
 
+    def length_of(self, proxy: torch.fx.Proxy) -> int | None:
+        """The length of a size read from metadata only (`w.shape`, `x.size()`), on the example
+        input; None when the value is anything else. The length of a parameter's or buffer's shape
+        is fixed; that of an input's is its rank, which the graph then checks."""
+        if self.example_inputs is None:
+            return None
+        sources = metadata_sources(proxy.node)
+        if sources is None:
+            return None
+        if self._examples is None:
+            self._examples = ExampleValues(self.root, self.graph, self.example_inputs)
+        try:
+            value = self._examples.value(proxy.node)
+        except Exception:  # noqa: BLE001 - not known: torch.fx's own error follows
+            return None
+        if not isinstance(value, (torch.Size, tuple)) or isinstance(value, torch.fx.Proxy):
+            return None
+        if any(s.op != "get_attr" for s in sources):
+            caller = inspect.currentframe()
+            while caller is not None and caller.f_code.co_filename == __file__:  # the model's line
+                caller = caller.f_back
+            where = f"{caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else "?"
+            source = linecache.getline(caller.f_code.co_filename, caller.f_lineno).strip() if caller else ""
+            length = self.create_proxy("call_function", len, (proxy,), {})
+            same = self.create_proxy("call_function", operator.eq, (length, len(value)), {})
+            self.create_proxy("call_function", torch._assert, (same, guard_message(
+                source, where, f"len({describe(proxy.node)}) == {len(value)}", True)), {})
+        return len(value)
+
     def trace(self, root, concrete_args=None):
         self._tensor_names = None
         self._examples = None
@@ -212,12 +307,33 @@ class _FallbackTracer(torch.fx.Tracer):
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.failed_leaves or super().is_leaf_module(m, qualname)
+        if qualname in self.failed_leaves or m in _HOOKED:
+            return True
+        if "forward" in vars(m):
+            # A forward set on the instance (`conv.forward = partial(conv_bn, bn, conv)`, mmcv's
+            # efficient conv-bn evaluation, set and deleted again around the call): a call of the
+            # module would run the class's forward; tracing through runs the function it has now.
+            return False
+        return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
+        hooks = _HOOKED.get(m)
+        if hooks is not None and qualname not in self.failed_leaves:
+            self.failed_leaves[qualname] = (
+                f"carries {hooks.describe()}: kept whole, and the fused model runs its hooks as the "
+                "original does (remove the hooks before fusing to fuse it)")
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
+        if "forward" in vars(m):
+            # Traced through or not at all: a leaf call would run the class's forward instead, so
+            # the module that makes this call is kept whole (it sets the forward it calls).
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except Exception as exc:
+                reason = (f"{qualname} runs a forward set on its instance ({_callable_name(vars(m)['forward'])}), "
+                          f"which cannot be traced: {type(exc).__name__}: {first_line(exc)}")
+                raise TraceFailure(reason, reason) from exc
         last = self.graph._root.prev  # the newest node before this call
         stack = dict(self.module_stack) if hasattr(self, "module_stack") else None
         calls = dict(self.num_calls) if hasattr(self, "num_calls") else None
@@ -237,6 +353,12 @@ class _FallbackTracer(torch.fx.Tracer):
                 self.num_calls.update(calls)
             self.failed_leaves[qualname] = f"{type(exc).__name__}: {first_line(exc)}"
             return super().call_module(m, forward, args, kwargs)
+
+
+def _callable_name(fn) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({_callable_name(fn.func)}, ...)"
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 @functools.lru_cache(maxsize=256)
@@ -350,20 +472,175 @@ except ImportError:  # pragma: no cover - older or newer torch without it
     _WorkingGraphModule = torch.fx.GraphModule
 
 
-def trace(model: nn.Module, example_inputs: tuple | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+def trace(model: nn.Module, example_inputs: tuple | None = None,
+          given: dict[str, object] | None = None) -> tuple[torch.fx.GraphModule, dict[str, str]]:
     """Symbolically trace `model`; returns the GraphModule and {leaf module name: why}.
 
     `example_inputs`: the positional inputs of `model.forward`; Python branches on their metadata
-    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard."""
-    tracer = _FallbackTracer(example_inputs)
+    (shape, dtype, `requires_grad`, ...) then take the way these inputs do, under a guard.
+    `given`: values of further arguments of `forward` (by name) the model is called with, such as
+    `activate=False`. These, and the defaults of the arguments neither the example inputs nor
+    `given` supply (`forward(x, activate=True, norm=True)`), are fixed while tracing, so that
+    `if norm:` takes its way; the graph keeps each as an argument of the same name and default,
+    guarded: another value fails with an AssertionError that names it. The fixed values are in
+    `gm.meta["reparam_fixed_arguments"]` ({name: value})."""
     name = type(model).__name__
+    fixed = fixed_arguments(model, len(example_inputs) if example_inputs is not None else None, given or {})
+    structured = _structured_arguments(model, example_inputs)
+    tracer = _FallbackTracer(_example_arguments(model, example_inputs, fixed))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args={**structured, **fixed} or None)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise TraceFailure(f"cannot trace {name}.forward with torch.fx: {reason}", reason) from exc
+    if fixed:
+        _name_fixed_arguments(graph, fixed, name)
+    if isinstance(graph._codegen, _PyTreeCodeGen):
+        graph._codegen = _StructuredInputs(graph._codegen.pytree_info)
     gm = _WorkingGraphModule(model, graph, class_name=name)
+    gm.meta["reparam_fixed_arguments"] = fixed
     return gm, dict(tracer.failed_leaves)
+
+
+# Values torch.fx can guard when it fixes an argument (it compares them with `==`, or checks None).
+_GUARDED_TYPES = (bool, int, float, complex, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def fixed_arguments(model: nn.Module, n_inputs: int | None, given: dict[str, object]) -> dict[str, object]:
+    """{argument of `model.forward`: value} for the arguments the trace fixes (see `trace`).
+
+    Arguments after the `n_inputs` positional example inputs that have a default (or a value in
+    `given`) of a type the graph can check; `*args`, `**kwargs` and other defaults stay arguments
+    of the graph, as torch.fx makes them."""
+    if n_inputs is None:
+        return {}
+    try:
+        signature = inspect.signature(inspect.unwrap(type(model).forward))
+    except (TypeError, ValueError):
+        return {}
+    params = list(signature.parameters.values())[1:]  # without self
+    fixed: dict[str, object] = {}
+    positional = 0
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind is p.VAR_POSITIONAL:
+                positional = n_inputs  # the inputs beyond the named ones go into *args
+            continue
+        if p.kind is not p.KEYWORD_ONLY and positional < n_inputs:
+            positional += 1
+            continue
+        value = given.get(p.name, p.default)
+        if value is p.empty:
+            continue
+        if value is None or type(value) in _GUARDED_TYPES:
+            fixed[p.name] = value
+    return fixed
+
+
+class _StructuredInputs(_PyTreeCodeGen):
+    """The code of a graph whose inputs were traced as tuples, lists or dicts of tensors (torch.fx
+    flattens them into one graph input per tensor, and the generated `forward` takes them as the
+    model did). Arguments with defaults keep them in `forward`'s signature, where torch.fx would
+    write them into the line that unpacks the flattened inputs (not valid Python)."""
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+        defaults = {}
+        names = []
+        for var in free_vars:
+            head, sep, default = var.partition(" = ")
+            name = head.split(":")[0].split("#")[0].strip()
+            names.append(name)
+            if sep:
+                defaults[name] = default.split("  #")[0].strip()
+        info = self.pytree_info
+        fn_args = [a + (f" = {defaults[a]}" if a in defaults else "") for a in info.orig_args]
+        if info.orig_args and info.orig_args[0] == "self":
+            names.insert(0, "self")
+        definition = CodeGen.gen_fn_def(self, fn_args, maybe_return_annotation, expanded_def=expanded_def)
+        if names:
+            definition += self.gen_var_bindings(info.orig_args, names, expanded_def)
+        return definition
+
+
+def _structured_arguments(model: nn.Module, inputs: tuple | None) -> dict[str, object]:
+    """{argument: its structure} for the example inputs that are tuples, lists or dicts of tensors
+    (`forward(self, inputs)` given `(x1, x2)` or `{"img": x}`): traced as one graph input per
+    tensor, which the GraphModule takes in the same structure."""
+    if inputs is None or all(isinstance(v, torch.Tensor) for v in inputs):
+        return {}
+    params = [p for p in list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: tree_map(lambda _: torch.fx.PH, value)
+            for p, value in zip(params, inputs) if not isinstance(value, torch.Tensor)}
+
+
+def _example_arguments(model: nn.Module, inputs: tuple | None, fixed: dict[str, object]) -> tuple | None:
+    """The value of each argument of the graph being recorded, in order, as far as known: the
+    example inputs (one per tensor, when one is a tuple, list or dict), then the fixed values or
+    defaults of the further named arguments."""
+    if inputs is None:
+        return inputs
+    flat = tuple(t for v in inputs for t in tree_flatten(v)[0])
+    if not fixed:
+        return flat
+    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1 + len(inputs):]
+    values = list(flat)
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        if p.name in fixed:
+            values.append(fixed[p.name])
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            break
+    return tuple(values)
+
+
+def graph_arguments(gm: torch.fx.GraphModule, inputs: tuple) -> tuple:
+    """The positional arguments that run `gm`'s graph (an Interpreter fills only positional ones)
+    as the module was traced: `inputs`, then the fixed values (or the defaults) of the rest."""
+    fixed = gm.meta.get("reparam_fixed_arguments")
+    if not fixed:
+        return inputs
+    values = list(inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[len(tree_flatten(inputs)[0]):]:
+        if node.target in fixed:
+            values.append(fixed[node.target])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            break
+    return tuple(values)
+
+
+def _name_fixed_arguments(graph: torch.fx.Graph, fixed: dict[str, object], model_name: str) -> None:
+    """torch.fx names the argument it fixes `norm_1`, and its guard's message speaks of
+    specializing: the argument keeps its own name (so `fused(x, norm=False)` reaches the guard
+    instead of failing as an unknown keyword), and the message says what to do."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, count = str(node.target).rpartition("_")
+        if base not in fixed or count != "1":
+            continue
+        node.target = base
+        message = (f"{model_name} was fused with {base}={fixed[base]!r} (its value when fused): the fused "
+                   f"model computes only that case; fuse it again with that argument to get another")
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is _assert_is_none:
+                # torch.fx's own check of None is not known to have an effect: dead-code removal
+                # would drop it. The same check, as `torch._assert`.
+                with graph.inserting_before(user):
+                    is_none = graph.call_function(operator.is_, (node, None))
+                    graph.call_function(torch._assert, (is_none, message))
+                graph.erase_node(user)
+                continue
+            guards = [user] if user.target is not operator.eq else list(user.users)
+            for guard in guards:
+                if guard.op == "call_function" and len(guard.args) == 2 and isinstance(guard.args[1], str):
+                    guard.args = (guard.args[0], message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,5 +1049,5 @@ def is_shape_query(user: torch.fx.Node) -> bool:
     return user.op == "call_function" and user.target in (torch.numel,) or False
 
 
-__all__ = ["trace", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
+__all__ = ["trace", "graph_arguments", "CallerHooks", "caller_hooks", "mark_hooked", "fold_constants", "propagate_shapes", "shape_of", "dtype_of", "is_shape_query",
            "Constants", "Unfolded"]

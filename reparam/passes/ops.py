@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import affine
-from ..trace import Constants, dtype_of, is_shape_query, shape_of
+from ..trace import Constants, caller_hooks, dtype_of, is_shape_query, shape_of
 from .crop import classify_crop
 from .fill import pad_border
 from .functionalize import values_updated_in_place
@@ -161,6 +161,8 @@ def computes_as_its_torch_base(m: nn.Module) -> bool:
     efficient conv-bn evaluation does): the module then computes that function."""
     if any(name in vars(m) for name in _FORWARD_METHODS):
         return False
+    if m._forward_hooks or m._forward_pre_hooks or caller_hooks(m) is not None:
+        return False  # its hooks run around the call (see `trace.mark_hooked`)
     cls = type(m)
     if cls.__module__.startswith("torch.nn"):
         return True

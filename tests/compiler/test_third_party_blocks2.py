@@ -21,7 +21,7 @@ from torch import nn
 import reparam
 from reparam.measure import unaccounted_linear_ops
 
-from .helpers import BN_TYPES, assert_same, call_targets, modules_of, n_bns, n_convs, randomize_bn
+from .helpers import BN_TYPES, assert_same, call_targets, modules_of, n_bns, n_convs, n_sums, randomize_bn
 
 torch.manual_seed(0)
 
@@ -695,7 +695,10 @@ class PatchedConvSkip(nn.Module):
 
 def test_conv_with_a_forward_set_on_the_instance_is_not_read_as_a_conv():
     fused = _fuse(PatchedConvSkip(8), torch.randn(2, 8, 6, 6))
-    assert len(fused.report.regions) == 0  # left as written, and right
+    # Traced through the function it runs (not read as a plain conv): its folded conv and the skip
+    # are one conv.
+    assert [r.members for r in fused.report.regions] == [("conv2d", "add_1")]
+    assert n_convs(fused) == 1 and n_sums(fused) == 0
 
 
 # ------------------------------------------------------------------------------------------------

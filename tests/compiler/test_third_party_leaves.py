@@ -185,7 +185,10 @@ def test_child_called_with_keywords_is_reported():
     model = nn.Sequential(Keyword()).double().eval()
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     fused = reparam.fuse(model, x)
-    assert any(r.where == "0.inner" and "keyword" in r.reason for r in fused.report.refusals)
+    # Traced with the value it is called with (guarded), and fused inside.
+    assert not fused.report.refusals and len(fused.report.regions) == 1
+    assert any("0.inner" in n and "scale=2.0" in n for n in fused.report.notes)
+    assert n_bns(fused) == 0
     assert_same(model, fused, x)
 
 
