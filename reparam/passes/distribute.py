@@ -62,6 +62,23 @@ Four rewrites of how third-party code writes linear structures, so that the line
                  operation that absorbs the moved map (or is a concatenation, for rewrite 1)
        rewrite   `y * scale[P^-1] + shift[P^-1]` feeds the chain; the map's readers read its end
 
+5. Per-channel maps after an upsampling that copies pixels act on the copies (super-resolution and
+   decoder heads: `bn(pixel_shuffle(conv(x)))`, `bn(upsample_nearest(conv1x1(x)))`):
+
+       m(pixel_shuffle(y, r))   = pixel_shuffle(m'(y), r)  with m' each constant repeated r^2 times
+       m(pixel_unshuffle(y, r)) = pixel_unshuffle(m'(y), r) with m' every r^2-th constant, when the
+                                  map is constant over the r^2 channels that come from one channel
+       p(nearest(y))            = nearest(p(y))            for any pointwise map p (a per-channel map,
+                                  a 1x1 conv with stride 1 and no padding)
+
+       pattern   a per-channel map (or, after nearest upsampling, a 1x1 conv) reading
+                 `PixelShuffle`/`pixel_shuffle`, `PixelUnshuffle`/`pixel_unshuffle`, or nearest
+                 `Upsample`/`interpolate`/`upsample_nearest`
+       check     the upsampling has no other reader; its input is produced by a linear operation
+                 along the channel axis with no other reader, which then absorbs the moved map
+       rewrite   the map reads the upsampling's input and the upsampling reads the map (after
+                 nearest upsampling the map node itself moves, fewer pixels to compute)
+
 A failed check leaves the structure as written and returns the reason, which the report names,
 when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
 """
@@ -124,6 +141,9 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
     for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
         if node.users:
             rewriter.cat_map(node)
+    for node in [n for n in gm.graph.nodes if copying_upsample(gm, n) is not None]:
+        while rewriter.upsample_map(node):  # a layer scale after the BatchNorm moves next
+            pass
     return rewriter.refusals
 
 
@@ -517,7 +537,111 @@ class _Rewriter:
         return node
 
 
+    # -- 5. maps after an upsampling that copies pixels --------------------------------------
+    def upsample_map(self, up: torch.fx.Node) -> bool:
+        """Move the pointwise map reading the upsampling `up` before it; False when none moves."""
+        kind, r = copying_upsample(self.gm, up)
+        y = up.args[0]
+        readers = _real_users(up)
+        if len(readers) != 1 or shape_of(y) is None or len(shape_of(y)) != 4:
+            return False
+        reader = readers[0]
+        m = self.channel_map(reader, up)
+        pointwise = m is None and kind == "nearest" and self._pointwise_conv(reader, up)
+        if (m is None or m.axis not in (None, 1)) and not pointwise:
+            return False
+        if not self.is_linear(y):
+            return False  # nothing to fold into: left as written
+        member = m.member if m is not None else member_name(reader)
+        where = [member_name(y), up.name if up.op != "call_module" else str(up.target), member]
+        problem = self.absorber_problem(y, 1, (up,))
+        if problem is not None:
+            self.refuse(where, f"kept after the upsampling: {problem}")
+            return False
+        if kind == "nearest":  # the map node moves as it is: nearest upsampling copies whole pixels
+            if any(is_metadata_read(u, up) for u in up.users):
+                return False  # they would read the map's output channels
+            self._swap(up, reader)
+            return True
+        c = shape_of(y)[1]
+        scale, shift = (_full(v, shape_of(up)[1]) for v in (m.scale, m.shift))
+        if kind == "shuffle":
+            scale, shift = scale.repeat_interleave(r * r), shift.repeat_interleave(r * r)
+        else:
+            blocks = [v.reshape(c, r * r) for v in (scale, shift)]
+            if any(not bool((b == b[:, :1]).all()) for b in blocks):
+                self.refuse(where, f"kept after the pixel unshuffle: its constants differ within the {r * r} "
+                                   "channels that come from one input channel (it acts on pixel positions)")
+                return False
+            scale, shift = blocks[0][:, 0].clone(), blocks[1][:, 0].clone()
+        mapped = self.insert_map(y, 1, scale, shift, m.member)
+        up.replace_input_with(y, mapped)
+        self._rules.pop(up, None)
+        self.erase(m.node, up)
+        return True
+
+    def _pointwise_conv(self, node: torch.fx.Node, x: torch.fx.Node) -> bool:
+        if not _mixes_channels(self.gm, node):
+            return False
+        rule = self.classify(node)
+        return (rule is not None and rule.kind == "affine" and rule.inputs == [x] and rule.axis is not None
+                and rule.axis % 4 == 1 and rule.op.is_pointwise and rule.op.nd == 2
+                and [n for n in node.all_input_nodes if n.op != "get_attr"] == [x])
+
+    def _swap(self, up: torch.fx.Node, reader: torch.fx.Node) -> None:
+        """`reader(up(y))` -> `up(reader(y))`, in place; shapes recorded accordingly."""
+        y = up.args[0]
+        users = list(reader.users)
+        reader_meta = {k: reader.meta[k] for k in ("reparam_shape", "tensor_meta") if k in reader.meta}
+        reader.replace_input_with(up, y)
+        up.replace_input_with(y, reader)
+        for user in users:
+            user.replace_input_with(reader, up)
+        reader.append(up)  # after the map (and whatever it reads), before the map's old readers
+        channels = reader_meta["reparam_shape"][1]
+        shape = (shape_of(y)[0], channels) + tuple(shape_of(y)[2:])
+        reader.meta["reparam_shape"] = shape
+        if "tensor_meta" in reader_meta:
+            reader.meta["tensor_meta"] = reader_meta["tensor_meta"]._replace(shape=torch.Size(shape))
+        up.meta.update(reader_meta)
+        for n in (up, reader, *users):
+            self._rules.pop(n, None)
+
+
 # -- helpers -------------------------------------------------------------------------------------
+
+_NEAREST = ("nearest", "nearest-exact")
+
+
+def copying_upsample(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int] | None:
+    """("shuffle", r), ("unshuffle", r) or ("nearest", 0) when `node` upsamples (or rearranges)
+    a tensor by copying its pixels, else None."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is nn.PixelShuffle:
+            return "shuffle", m.upscale_factor
+        if type(m) is nn.PixelUnshuffle:
+            return "unshuffle", m.downscale_factor
+        if type(m) in (nn.Upsample, nn.UpsamplingNearest2d) and m.mode in _NEAREST:
+            return "nearest", 0
+        return None
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in (F.pixel_shuffle, torch.pixel_shuffle, F.pixel_unshuffle, torch.pixel_unshuffle):
+        r = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
+        if type(r) is not int or len(node.args) + len(node.kwargs) != 2:
+            return None
+        return ("shuffle" if t in (F.pixel_shuffle, torch.pixel_shuffle) else "unshuffle"), r
+    if t is F.upsample_nearest:
+        return "nearest", 0
+    if t in (F.interpolate, F.upsample):
+        mode = node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+        return ("nearest", 0) if mode in _NEAREST else None
+    return None
+
 
 def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not is_metadata_read(u, node)]

@@ -5,12 +5,17 @@ Linear's (ResMLP), and a BatchNorm over a reshaped 1x1 conv's channels (RepMLPNe
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import reparam
 from reparam.measure import unaccounted_linear_ops
+from reparam.report import Report
+from reparam.trace import propagate_shapes, trace
 
 from .helpers import conv_bn, fuse64, modules_of, n_bns, n_convs, rbn
 
@@ -90,3 +95,100 @@ def test_layer_norm_after_the_permute_stays():
     fused = fuse64(ChannelsLastNorm(), torch.randn(2, 8, 9, 9, dtype=torch.float64))
     assert n_convs(fused) == 1 and len(modules_of(fused, nn.LayerNorm)) == 1
     assert len(modules_of(fused, nn.Linear)) == 1
+
+
+# -- 2. maps after upsamplings that copy pixels; expand_as of a constant -----------------------------
+class Upsampled(nn.Module):
+    """conv -> upsampling -> pointwise map, as super-resolution and decoder heads write it."""
+
+    def __init__(self, how, c=8):
+        super().__init__()
+        self.how = how
+        r2 = 4
+        if how == "shuffle":  # ESPCN / EDSR upsampler: conv to c*r^2 channels, PixelShuffle, BN
+            self.conv, self.up, self.map = nn.Conv2d(c, c * r2, 3, padding=1), nn.PixelShuffle(2), rbn(c)
+        elif how == "pixel_shuffle":
+            self.conv, self.map = nn.Conv2d(c, c * r2, 3, padding=1), rbn(c)
+        elif how == "unshuffle_scalar":  # a scalar map is constant over each block
+            self.conv, self.up = nn.Conv2d(c, c, 3, padding=1), nn.PixelUnshuffle(2)
+        elif how == "unshuffle_bn":  # refused: the BN's constants vary within each block
+            self.conv, self.up, self.map = nn.Conv2d(c, c, 3, padding=1), nn.PixelUnshuffle(2), rbn(c * r2)
+        elif how == "nearest_bn":  # FPN-like lateral: 1x1 conv, nearest upsampling, BN
+            self.conv, self.up, self.map = nn.Conv2d(c, c, 1), nn.Upsample(scale_factor=2), rbn(c)
+        elif how == "nearest_1x1":  # 1x1 conv, F.interpolate(nearest), 1x1 conv + BN
+            self.conv, self.map = nn.Conv2d(c, 2 * c, 1), conv_bn(2 * c, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "pixel_shuffle":
+            return self.map(F.pixel_shuffle(y, 2))
+        if self.how == "unshuffle_scalar":
+            return self.up(y) * 0.5 + 0.25
+        if self.how == "nearest_1x1":
+            return self.map(F.interpolate(y, scale_factor=2, mode="nearest"))
+        return self.map(self.up(y))
+
+
+@pytest.mark.parametrize("how", ["shuffle", "pixel_shuffle", "unshuffle_scalar", "nearest_bn", "nearest_1x1"])
+def test_pointwise_map_after_a_copying_upsampling_folds_into_the_conv_before_it(how):
+    fused = fuse64(Upsampled(how), torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    assert [n for n in fused.graph.nodes if n.op in ("call_function", "call_method")
+            and n.target in (operator.mul, operator.add)] == []
+    assert fused.report.refusals == []
+
+
+def test_batchnorm_after_a_pixel_unshuffle_is_refused_with_its_reason():
+    fused = fuse64(Upsampled("unshuffle_bn"), torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    assert n_convs(fused) == 1 and n_bns(fused) == 1
+    (reason,) = refusals_naming(fused, "map")
+    assert "constants differ within the 4 channels" in reason
+
+
+def test_a_map_after_upsampling_a_conv_read_elsewhere_is_refused_and_accounted():
+    class Two(Upsampled):
+        def forward(self, x):
+            y = self.conv(x)
+            return self.map(self.up(y)), y
+
+    m = Two("shuffle").double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(m, x)
+    assert n_convs(fused) == 1 and n_bns(fused) == 1
+    (reason,) = refusals_naming(fused, "map")
+    assert reason.startswith("kept after the upsampling") and "also read" in reason
+    assert unaccounted_linear_ops(fused) == []
+    for a, b in zip(fused(x), m(x)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["shuffle", "nearest_bn", "nearest_1x1"])
+def test_accounting_sees_pairs_across_a_copying_upsampling(how):
+    """Left unfused (the traced graph itself), the pair is one the report must explain."""
+    m = Upsampled(how).double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    gm, _ = trace(m, (x,))
+    propagate_shapes(gm, (x,))
+    pairs = ["conv -> map"] if how != "nearest_1x1" else ["conv -> map.0", "map.0 -> map.1"]
+    assert unaccounted_linear_ops(gm, Report(model="m")) == pairs
+
+
+class ExpandedScale(nn.Module):
+    """`y * self.g[:, None, None].expand_as(y)`: the constant is expanded with `y`'s shape."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = conv_bn(c, c, 3)
+        self.g = nn.Parameter(torch.rand(c) + 0.5)
+        self.b = nn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * self.g[:, None, None].expand_as(y)
+        return y + self.b.view(1, -1, 1, 1).expand(y.shape)
+
+
+def test_expand_as_of_a_constant_reads_as_a_per_channel_map():
+    fused = fuse64(ExpandedScale(), torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    assert [n.target for n in fused.graph.nodes if n.op in ("call_function", "call_method")] == []
