@@ -654,8 +654,14 @@ class LinearFormPass:
                 self.alternative_sources.add(x)
         elif x in self.forms and len(self._real_users(x)) == 1:
             problem = self._carrier_problem(x, node)
+            before = self.forms[x]
             if problem:
-                self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
+                self.refuse(", ".join(before.members + (member,)), f"kept apart: {problem}")
+            elif before.axis != axis and not before.op.is_identity:
+                # ResMLP: an Affine over channels, `.transpose(1, 2)`, a Linear over the tokens.
+                self.refuse(", ".join(before.members + (member,)),
+                            f"kept apart: {_kind_of(op)} along another axis than the {_kind_of(before.op)}'s "
+                            f"(axis {axis} against {before.axis}): no one operator on a single axis computes both")
         elif (x in self.forms and x not in self._shared_reported and self.forms[x].op.is_per_channel
               and not self.forms[x].op.is_identity):
             self._shared_reported.add(x)
@@ -1094,6 +1100,13 @@ def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
     mode = before.padding_mode if before.has_padding else after.padding_mode
     return AffineConv(w, torch.zeros(1, dtype=torch.float64).expand(after.out_channels), stride, padding,
                       dilation, groups, mode)
+
+
+def _kind_of(op: AffineConv) -> str:
+    """How a refusal names an operator by what it does: "per-channel map", "Linear", or its description."""
+    if op.is_per_channel:
+        return "per-channel map"
+    return "Linear" if op.nd == 0 else op.describe()
 
 
 def _memory_bound(ops) -> bool:

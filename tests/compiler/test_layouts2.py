@@ -192,3 +192,61 @@ def test_expand_as_of_a_constant_reads_as_a_per_channel_map():
     fused = fuse64(ExpandedScale(), torch.randn(2, 8, 6, 6, dtype=torch.float64))
     assert n_convs(fused) == 1 and n_bns(fused) == 0
     assert [n.target for n in fused.graph.nodes if n.op in ("call_function", "call_method")] == []
+
+
+# -- 3. per-channel maps along another axis than a Linear's (ResMLP) ---------------------------------
+class Affine(nn.Module):
+    """timm's ResMLP Affine: a per-channel map over the last axis."""
+
+    def __init__(self, dim, spelling):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.rand(1, 1, dim) + 0.5)
+        self.beta = nn.Parameter(torch.rand(1, 1, dim))
+        self.spelling = spelling
+
+    def forward(self, x):
+        if self.spelling == "addcmul":
+            return torch.addcmul(self.beta, self.alpha, x)
+        return x * self.alpha + self.beta
+
+
+class ResMLPBlock(nn.Module):
+    """ResMLP's token mixing: Affine over channels, transpose, Linear over the tokens, layer scale."""
+
+    def __init__(self, dim=8, tokens=6, spelling="addcmul"):
+        super().__init__()
+        self.norm1 = Affine(dim, spelling)
+        self.linear_tokens = nn.Linear(tokens, tokens)
+        self.ls1 = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x + self.ls1 * self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("spelling", ["addcmul", "mul_add"])
+def test_per_channel_map_along_another_axis_than_the_linear_is_refused_with_its_reason(spelling):
+    fused = fuse64(ResMLPBlock(spelling=spelling), torch.randn(2, 6, 8, dtype=torch.float64))
+    assert len(modules_of(fused, nn.Linear)) == 1  # the Linear over the tokens stays alone
+    reasons = refusals_naming(fused, "linear_tokens")
+    assert len(reasons) == 2
+    assert any(r.startswith("kept apart: per-channel map along another axis than the Linear's") for r in reasons)
+    assert any(r.startswith("kept apart: Linear along another axis than the per-channel map's") for r in reasons)
+    assert unaccounted_linear_ops(fused) == []
+
+
+def test_timm_resmlp_explains_every_linear_operation_it_keeps():
+    from reparam.optional import MissingExtra, install_command, require
+
+    try:
+        timm = require("timm", "the ResMLP accounting test")
+    except MissingExtra:
+        pytest.skip(f"timm is not installed: {install_command('timm')}")
+    m = timm.create_model("resmlp_12_224", pretrained=False, img_size=32).double().eval()
+    m.blocks = m.blocks[:3]  # the blocks are alike: three keep the test fast
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("alpha", "beta", "ls1", "ls2"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+    fused = fuse64(m, torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert len(refusals_naming(fused, "blocks.2.linear_tokens")) == 2
