@@ -79,6 +79,18 @@ Four rewrites of how third-party code writes linear structures, so that the line
        rewrite   the map reads the upsampling's input and the upsampling reads the map (after
                  nearest upsampling the map node itself moves, fewer pixels to compute)
 
+6. A per-channel map after a reshape that splits the channel axis of its input, the map's channels
+   being the leading factor (RepMLPNet's fc3: a 1x1 conv over S*h*w channels, `reshape(-1, S, h, w)`,
+   `BatchNorm2d(S)`): map channel s acts on input channels s*n .. s*n + n - 1 (row-major order):
+
+       m(reshape(y)) = reshape(m'(y))   with m' each constant repeated n = C_in / C_map times
+
+       pattern   a per-channel map along axis a of a reshape of `y`, where some axis k of `y` has
+                 the elements before it that the axes before a have, and a multiple of their count
+       check     the reshape has no other reader; `y` is produced by a linear operation along axis
+                 k with no other reader
+       rewrite   `y * scale' + shift'` feeds the reshape; the map's readers read the reshape
+
 A failed check leaves the structure as written and returns the reason, which the report names,
 when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
 """
@@ -141,6 +153,9 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
     for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
         if node.users:
             rewriter.cat_map(node)
+    for node in [n for n in gm.graph.nodes if _step_kind(gm, n) == "reshape"]:
+        while node.users and rewriter.split_axis_map(node):
+            pass
     for node in [n for n in gm.graph.nodes if copying_upsample(gm, n) is not None]:
         while rewriter.upsample_map(node):  # a layer scale after the BatchNorm moves next
             pass
@@ -536,6 +551,36 @@ class _Rewriter:
         node.meta.update({k: like.meta[k] for k in ("reparam_shape", "tensor_meta") if k in like.meta})
         return node
 
+
+    # -- 6. a map after a reshape that splits the channel axis ----------------------------------
+    def split_axis_map(self, r: torch.fx.Node) -> bool:
+        """Move the per-channel map reading the reshape `r` before it, where its channels are the
+        leading factor of an axis of `r`'s input; False when none moves."""
+        y = r.args[0]
+        in_shape, out_shape = shape_of(y), shape_of(r)
+        readers = _real_users(r)
+        if in_shape is None or out_shape is None or len(readers) != 1 or in_shape == out_shape:
+            return False
+        m = self.channel_map(readers[0], r)
+        if m is None or m.axis is None:
+            return False
+        a = m.axis
+        lead = math.prod(out_shape[:a])
+        k = next((k for k in range(len(in_shape)) if math.prod(in_shape[:k]) == lead
+                  and in_shape[k] > out_shape[a] and in_shape[k] % out_shape[a] == 0), None)
+        if k is None or not self.is_linear(y):
+            return False  # the channel axis stays whole (the linear-form pass's case), or nothing to fold into
+        problem = self.absorber_problem(y, k, (r,))
+        if problem is not None:
+            self.refuse([member_name(y), r.name, m.member], f"kept after the reshape: {problem}")
+            return False
+        n = in_shape[k] // out_shape[a]
+        scale, shift = (_full(v, out_shape[a]).repeat_interleave(n) for v in (m.scale, m.shift))
+        mapped = self.insert_map(y, k, scale, shift, m.member)
+        r.replace_input_with(y, mapped)
+        self._rules.pop(r, None)
+        self.erase(m.node, r)
+        return True
 
     # -- 5. maps after an upsampling that copies pixels --------------------------------------
     def upsample_map(self, up: torch.fx.Node) -> bool:

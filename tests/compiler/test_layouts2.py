@@ -14,6 +14,7 @@ from torch import nn
 
 import reparam
 from reparam.measure import unaccounted_linear_ops
+from reparam.modules import ChannelAffine
 from reparam.report import Report
 from reparam.trace import propagate_shapes, trace
 
@@ -250,3 +251,51 @@ def test_timm_resmlp_explains_every_linear_operation_it_keeps():
                 p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
     fused = fuse64(m, torch.randn(1, 3, 32, 32, dtype=torch.float64))
     assert len(refusals_naming(fused, "blocks.2.linear_tokens")) == 2
+
+
+# -- 4. a BatchNorm over the leading factor of a reshaped conv's channels (RepMLPNet's fc3) ----------
+class ChannelPerceptron(nn.Module):
+    """RepMLPNet's RepMLPBlock, channel perceptron: partitions, a grouped 1x1 conv (fc3) over
+    S*h*w channels, `reshape(-1, S, h, w)`, BatchNorm2d(S), partitions put back. (The authors end with
+    `reshape(*origin_shape)`, which torch.fx cannot trace; `reshape(origin_shape)` is the same.)"""
+
+    def __init__(self, s=4, h=3, w=3, groups=2, read_fc3=False):
+        super().__init__()
+        self.S, self.h, self.w, self.read_fc3 = s, h, w, read_fc3
+        self.fc3 = nn.Conv2d(s * h * w, s * h * w, 1, groups=groups)
+        self.fc3_bn = rbn(s)
+
+    def forward(self, inputs):
+        origin_shape = inputs.size()
+        h_parts = origin_shape[2] // self.h
+        w_parts = origin_shape[3] // self.w
+        partitions = inputs.reshape(-1, self.S, h_parts, self.h, w_parts, self.w).permute(0, 2, 4, 1, 3, 5)
+        fc3_in = partitions.reshape(-1, self.S * self.h * self.w, 1, 1)
+        fc3 = self.fc3(fc3_in)
+        fc3_out = self.fc3_bn(fc3.reshape(-1, self.S, self.h, self.w))
+        fc3_out = fc3_out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w).permute(0, 3, 1, 4, 2, 5)
+        out = fc3_out.reshape(origin_shape)
+        return (out, fc3) if self.read_fc3 else out
+
+
+def test_batchnorm_over_the_leading_factor_of_a_reshaped_conv_folds_into_it():
+    m = ChannelPerceptron()
+    fused = fuse64(m, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    assert n_convs(fused) == 1 and n_bns(fused) == 0
+    (conv,) = modules_of(fused, nn.Conv2d)
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (36, 36, 2)
+    assert fused.report.refusals == []
+    x = torch.randn(1, 4, 9, 12, dtype=torch.float64)  # another number of partitions
+    torch.testing.assert_close(fused(x), m(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_over_a_reshaped_conv_read_elsewhere_is_refused_with_its_reason():
+    m = ChannelPerceptron(read_fc3=True).double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(m, x)
+    assert n_convs(fused) == 1 and len(modules_of(fused, (nn.BatchNorm2d, ChannelAffine))) == 1
+    (reason,) = refusals_naming(fused, "fc3_bn")
+    assert reason.startswith("kept after the reshape") and "also read" in reason
+    assert unaccounted_linear_ops(fused) == []
+    for a, b in zip(fused(x), m(x)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
