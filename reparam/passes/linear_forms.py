@@ -601,8 +601,14 @@ class LinearFormPass:
         consts = [c for c in (scale, shift) if c is not None]
         axes = {a for c in consts for a in _varying_axes(c, shape)}
         if any(c.dim() > len(shape) for c in consts) or len(axes) > 1:
-            if x in self.forms and len(self._real_users(x)) == 1:  # say why the neighbour stays apart
-                self.refuse(", ".join(self.forms[x].members + (rule.member,)),
+            # Say why the linear neighbours (before it, or the one reading it) stay apart.
+            before = self.forms[x].members if x in self.forms and len(self._real_users(x)) == 1 else ()
+            reader = self._single_user(node)
+            reader_rule = self.classify(reader) if reader is not None else None
+            after = (reader_rule.member,) if reader_rule is not None and reader_rule.kind in (
+                "affine", "scale", "shift") else ()
+            if before or after:
+                self.refuse(", ".join(before + (rule.member,) + after),
                             "the constant varies along several axes: not a per-channel map")
             return None
         if axes:

@@ -299,3 +299,28 @@ def test_batchnorm_over_a_reshaped_conv_read_elsewhere_is_refused_with_its_reaso
     assert unaccounted_linear_ops(fused) == []
     for a, b in zip(fused(x), m(x)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# -- from the sweep of timm models --------------------------------------------------------------------
+class TalkingHeads(nn.Module):
+    """EfficientFormerV2's attention: `(q @ k) * scale + bias` (the bias varies along heads and
+    both token axes), then a 1x1 conv over the heads."""
+
+    def __init__(self, heads=2, n=6):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(heads, n, n))
+        self.talking_head1 = nn.Conv2d(heads, heads, 1)
+        self.scale = 0.5
+
+    def forward(self, q, k):
+        attn = (q @ k) * self.scale
+        attn = attn + self.bias
+        return self.talking_head1(attn).softmax(dim=-1)
+
+
+def test_constant_along_several_axes_before_a_conv_is_refused_naming_the_conv():
+    q, k = torch.randn(1, 2, 6, 4, dtype=torch.float64), torch.randn(1, 2, 4, 6, dtype=torch.float64)
+    fused = fuse64(TalkingHeads(), q, k)
+    assert n_convs(fused) == 1
+    (reason,) = refusals_naming(fused, "talking_head1")
+    assert reason == "the constant varies along several axes: not a per-channel map"
