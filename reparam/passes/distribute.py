@@ -108,7 +108,7 @@ from torch import nn
 
 from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
-from .ops import Classifier, LinearOp, member_name
+from .ops import _ADD, _DIV, _METHOD_ARITH, _MUL, _NEG, _SUB, Classifier, LinearOp, member_name
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _STACK = {torch.stack}
@@ -559,7 +559,8 @@ class _Rewriter:
         y = r.args[0]
         in_shape, out_shape = shape_of(y), shape_of(r)
         readers = _real_users(r)
-        if in_shape is None or out_shape is None or len(readers) != 1 or in_shape == out_shape:
+        if (in_shape is None or out_shape is None or len(readers) != 1 or in_shape == out_shape
+                or not _may_be_channel_map(self.gm, readers[0])):
             return False
         m = self.channel_map(readers[0], r)
         if m is None or m.axis is None:
@@ -656,6 +657,18 @@ class _Rewriter:
 # -- helpers -------------------------------------------------------------------------------------
 
 _NEAREST = ("nearest", "nearest-exact")
+_MAP_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_MAP_FUNCTIONS = {F.batch_norm, F.instance_norm, torch.addcmul} | _ADD | _SUB | _MUL | _DIV | _NEG
+
+
+def _may_be_channel_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Could `node` be a per-channel map (a norm, `addcmul`, arithmetic)? Decided by its target
+    alone: classifying it (`_Rewriter.channel_map`) scans the graph once, on first use."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MAP_MODULES)
+    if node.op == "call_function":
+        return node.target in _MAP_FUNCTIONS
+    return node.op == "call_method" and node.target in _METHOD_ARITH
 
 
 def copying_upsample(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int] | None:

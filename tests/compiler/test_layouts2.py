@@ -79,6 +79,17 @@ def test_widening_linear_after_a_permute_is_refused_for_its_cost(spelling, read_
     assert unaccounted_linear_ops(fused) == []
 
 
+@pytest.mark.parametrize("read_shape", [False, True])
+def test_accounting_sees_the_pair_across_the_permute(read_shape):
+    """Left unfused (the traced graph itself), conv -> permute -> Linear is a pair the report must
+    explain, also when the conv's output is read for its shape."""
+    m = ChannelsLastMLP(8, 32, read_shape=read_shape).double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    gm, _ = trace(m, (x,))
+    propagate_shapes(gm, (x,))
+    assert "conv.1 -> fc" in unaccounted_linear_ops(gm, Report(model="m"))
+
+
 class ChannelsLastNorm(nn.Module):
     """ConvNeXt: depthwise conv, permute, LayerNorm, Linear: the LayerNorm is not linear."""
 
