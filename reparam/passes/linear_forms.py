@@ -27,6 +27,10 @@ needed; where no such value exists the value stays, and the refusal says so.
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
 That is how a BatchNorm before `flatten(2).transpose(1, 2)` folds into the following Linear.
+A form that is not pointwise (a kxk conv) does not travel; instead, a pointwise operation on the
+channel axis after layout steps that work for any channel count (`permute(0, 2, 3, 1)`, then a
+Linear or `@ W`: ConvNeXt-style channels-last MLPs) moves before the steps and composes into it,
+when that costs no more (`LayoutChain`).
 
 This module decides; `lower.py` rewrites the graph.
 """
@@ -1025,7 +1029,6 @@ class LinearFormPass:
         step = LayoutStep(node, rule.layout in ("flatten", "transpose", "permute", "movedim", "unsqueeze"))
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
                        origin=None, shape_refs=refs, alternative=None)
-
 
     # -- a linear operation after layout steps after a conv -------------------------------------
     _AGNOSTIC_LAYOUTS = ("flatten", "transpose", "permute", "movedim", "unsqueeze")

@@ -18,7 +18,8 @@ description, so the propagation pass sees a single form of each.
                     (passes/fill.py)                        for a zero input (passes/commute.py)
     identity        Identity, Dropout (eval), contiguous,   depthwise 1x1 of ones
                     leaky_relu with negative_slope 1
-    scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
+    scale           x * c, c * x, x / c, -x,                depthwise 1x1 of c
+                    x * c.expand_as(x) (or c.expand(...))
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
     addcmul         torch.addcmul(b, x, a) (timm's Affine)  per-channel a*x + b
     sum             x + y, x - y                            A + B over a common source
