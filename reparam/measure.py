@@ -129,9 +129,10 @@ def unaccounted_linear_ops(fused: nn.Module, report=None) -> list[str]:
     feeds another one directly (through identities and layout steps only, as its only consumer)
     could have been combined with it; so could one that feeds it through an average that keeps
     constants (global average pooling, `mean` over spatial axes), which a pointwise map moves
-    through (passes/commute.py). Concatenations and channel splits are looked through as well: a
-    per-channel map after `torch.cat` of linear outputs acts on each of them (each "input -> map"
-    is a pair), and a per-channel map on a piece of `chunk`/`split`/`y[:, a:b]` of a linear output
+    through (passes/commute.py), or through an upsampling that copies pixels (PixelShuffle, nearest
+    upsampling), which pointwise maps cross (passes/distribute.py). Concatenations and channel
+    splits are looked through as well: a per-channel map after `torch.cat` of linear outputs acts
+    on each of them (each "input -> map" is a pair), and a per-channel map on a piece of `chunk`/`split`/`y[:, a:b]` of a linear output
     could move before the split (passes/distribute.py). Such a pair is accounted for when a refusal
     of the report (`fused.report` unless given) names one of the two, or one of the operations a
     fused module in the pair replaced. A per-channel map read by several operations, one of them
@@ -166,7 +167,7 @@ def _unaccounted_in(fused: torch.fx.GraphModule, named: set[str], regions: dict[
                     prefix: str) -> list[str]:
     """`unaccounted_linear_ops` for one graph, whose operations the report names after `prefix`."""
     from .passes.cleanup import RESTORED_IN_PLACE
-    from .passes.distribute import _split_pieces
+    from .passes.distribute import _split_pieces, copying_upsample
     from .passes.functionalize import values_updated_in_place
     from .passes.linear_forms import is_metadata_read
     from .passes.ops import Classifier
@@ -240,7 +241,7 @@ def _unaccounted_in(fused: torch.fx.GraphModule, named: set[str], regions: dict[
             x = todo.pop()
             while x is not None and len(readers(x)) == 1:
                 k = kind(x)
-                if k in ("identity", "layout", "average"):
+                if k in ("identity", "layout", "average") or through_upsampling(x, node):
                     x = first_input(x)
                     continue
                 if k in ("affine", "scale", "shift"):
@@ -253,6 +254,17 @@ def _unaccounted_in(fused: torch.fx.GraphModule, named: set[str], regions: dict[
                         found.append(y)
                 break
         return found
+
+    def through_upsampling(x, node) -> bool:
+        """Does the pointwise map `node` move across `x`, an upsampling that copies pixels
+        (passes/distribute.py)? Per-channel maps across any; 1x1 convs across nearest upsampling."""
+        how = copying_upsample(fused, x)
+        if how is None:
+            return False
+        if per_channel(node):
+            return True
+        rule = rule_of(node)
+        return how[0] == "nearest" and rule is not None and rule.kind == "affine" and rule.op.is_pointwise
 
     def per_channel(node) -> bool:
         if node.op == "call_module" and isinstance(fused.get_submodule(node.target), ChannelAffine):

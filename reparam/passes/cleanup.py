@@ -297,6 +297,8 @@ def _tensor_meta(value):
 def restore_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> int:
     """Run activations and residual sums in place where that cannot change any result; return how
     many were rewritten (the rule is above)."""
+    from .ops import member_name  # ops imports this module through functionalize
+
     graph = gm.graph
     rewritten = 0
     module_sites: dict[str, list[torch.fx.Node | None]] = {}  # activation module -> its calls that may run in place
@@ -350,6 +352,8 @@ def restore_in_place(gm: torch.fx.GraphModule, is_metadata_read) -> int:
         else:
             continue
         twin.meta = {**node.meta, RESTORED_IN_PLACE: True}
+        # The report names the operation as it was written (`add_8`), not as its twin (`add__8`).
+        twin.meta.setdefault("reparam_members", (member_name(node),))
         node.replace_all_uses_with(twin)
         graph.erase_node(node)
         rewritten += 1

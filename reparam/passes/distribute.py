@@ -62,6 +62,35 @@ Four rewrites of how third-party code writes linear structures, so that the line
                  operation that absorbs the moved map (or is a concatenation, for rewrite 1)
        rewrite   `y * scale[P^-1] + shift[P^-1]` feeds the chain; the map's readers read its end
 
+5. Per-channel maps after an upsampling that copies pixels act on the copies (super-resolution and
+   decoder heads: `bn(pixel_shuffle(conv(x)))`, `bn(upsample_nearest(conv1x1(x)))`):
+
+       m(pixel_shuffle(y, r))   = pixel_shuffle(m'(y), r)  with m' each constant repeated r^2 times
+       m(pixel_unshuffle(y, r)) = pixel_unshuffle(m'(y), r) with m' every r^2-th constant, when the
+                                  map is constant over the r^2 channels that come from one channel
+       p(nearest(y))            = nearest(p(y))            for any pointwise map p (a per-channel map,
+                                  a 1x1 conv with stride 1 and no padding)
+
+       pattern   a per-channel map (or, after nearest upsampling, a 1x1 conv) reading
+                 `PixelShuffle`/`pixel_shuffle`, `PixelUnshuffle`/`pixel_unshuffle`, or nearest
+                 `Upsample`/`interpolate`/`upsample_nearest`
+       check     the upsampling has no other reader; its input is produced by a linear operation
+                 along the channel axis with no other reader, which then absorbs the moved map
+       rewrite   the map reads the upsampling's input and the upsampling reads the map (after
+                 nearest upsampling the map node itself moves, fewer pixels to compute)
+
+6. A per-channel map after a reshape that splits the channel axis of its input, the map's channels
+   being the leading factor (RepMLPNet's fc3: a 1x1 conv over S*h*w channels, `reshape(-1, S, h, w)`,
+   `BatchNorm2d(S)`): map channel s acts on input channels s*n .. s*n + n - 1 (row-major order):
+
+       m(reshape(y)) = reshape(m'(y))   with m' each constant repeated n = C_in / C_map times
+
+       pattern   a per-channel map along axis a of a reshape of `y`, where some axis k of `y` has
+                 the elements before it that the axes before a have, and a multiple of their count
+       check     the reshape has no other reader; `y` is produced by a linear operation along axis
+                 k with no other reader
+       rewrite   `y * scale' + shift'` feeds the reshape; the map's readers read the reshape
+
 A failed check leaves the structure as written and returns the reason, which the report names,
 when a linear operation stood next to it (a map between two nonlinearities is nothing to report).
 """
@@ -79,7 +108,7 @@ from torch import nn
 
 from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
-from .ops import Classifier, LinearOp, member_name
+from .ops import _ADD, _DIV, _METHOD_ARITH, _MUL, _NEG, _SUB, Classifier, LinearOp, member_name
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _STACK = {torch.stack}
@@ -124,6 +153,12 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
     for node in [n for n in gm.graph.nodes if _is_call(n, _CAT)]:
         if node.users:
             rewriter.cat_map(node)
+    for node in [n for n in gm.graph.nodes if _step_kind(gm, n) == "reshape"]:
+        while node.users and rewriter.split_axis_map(node):
+            pass
+    for node in [n for n in gm.graph.nodes if copying_upsample(gm, n) is not None]:
+        while rewriter.upsample_map(node):  # a layer scale after the BatchNorm moves next
+            pass
     return rewriter.refusals
 
 
@@ -517,7 +552,154 @@ class _Rewriter:
         return node
 
 
+    # -- 6. a map after a reshape that splits the channel axis ----------------------------------
+    def split_axis_map(self, r: torch.fx.Node) -> bool:
+        """Move the per-channel map reading the reshape `r` before it, where its channels are the
+        leading factor of an axis of `r`'s input; False when none moves."""
+        y = r.args[0]
+        in_shape, out_shape = shape_of(y), shape_of(r)
+        readers = _real_users(r)
+        if (in_shape is None or out_shape is None or len(readers) != 1 or in_shape == out_shape
+                or not _may_be_channel_map(self.gm, readers[0])):
+            return False
+        m = self.channel_map(readers[0], r)
+        if m is None or m.axis is None:
+            return False
+        a = m.axis
+        lead = math.prod(out_shape[:a])
+        k = next((k for k in range(len(in_shape)) if math.prod(in_shape[:k]) == lead
+                  and in_shape[k] > out_shape[a] and in_shape[k] % out_shape[a] == 0), None)
+        if k is None or not self.is_linear(y):
+            return False  # the channel axis stays whole (the linear-form pass's case), or nothing to fold into
+        problem = self.absorber_problem(y, k, (r,))
+        if problem is not None:
+            self.refuse([member_name(y), r.name, m.member], f"kept after the reshape: {problem}")
+            return False
+        n = in_shape[k] // out_shape[a]
+        scale, shift = (_full(v, out_shape[a]).repeat_interleave(n) for v in (m.scale, m.shift))
+        mapped = self.insert_map(y, k, scale, shift, m.member)
+        r.replace_input_with(y, mapped)
+        self._rules.pop(r, None)
+        self.erase(m.node, r)
+        return True
+
+    # -- 5. maps after an upsampling that copies pixels --------------------------------------
+    def upsample_map(self, up: torch.fx.Node) -> bool:
+        """Move the pointwise map reading the upsampling `up` before it; False when none moves."""
+        kind, r = copying_upsample(self.gm, up)
+        y = up.args[0]
+        readers = _real_users(up)
+        if len(readers) != 1 or shape_of(y) is None or len(shape_of(y)) != 4:
+            return False
+        reader = readers[0]
+        m = self.channel_map(reader, up)
+        pointwise = m is None and kind == "nearest" and self._pointwise_conv(reader, up)
+        if (m is None or m.axis not in (None, 1)) and not pointwise:
+            return False
+        if not self.is_linear(y):
+            return False  # nothing to fold into: left as written
+        member = m.member if m is not None else member_name(reader)
+        where = [member_name(y), up.name if up.op != "call_module" else str(up.target), member]
+        problem = self.absorber_problem(y, 1, (up,))
+        if problem is not None:
+            self.refuse(where, f"kept after the upsampling: {problem}")
+            return False
+        if kind == "nearest":  # the map node moves as it is: nearest upsampling copies whole pixels
+            if any(is_metadata_read(u, up) for u in up.users):
+                return False  # they would read the map's output channels
+            self._swap(up, reader)
+            return True
+        c = shape_of(y)[1]
+        scale, shift = (_full(v, shape_of(up)[1]) for v in (m.scale, m.shift))
+        if kind == "shuffle":
+            scale, shift = scale.repeat_interleave(r * r), shift.repeat_interleave(r * r)
+        else:
+            blocks = [v.reshape(c, r * r) for v in (scale, shift)]
+            if any(not bool((b == b[:, :1]).all()) for b in blocks):
+                self.refuse(where, f"kept after the pixel unshuffle: its constants differ within the {r * r} "
+                                   "channels that come from one input channel (it acts on pixel positions)")
+                return False
+            scale, shift = blocks[0][:, 0].clone(), blocks[1][:, 0].clone()
+        mapped = self.insert_map(y, 1, scale, shift, m.member)
+        up.replace_input_with(y, mapped)
+        self._rules.pop(up, None)
+        self.erase(m.node, up)
+        return True
+
+    def _pointwise_conv(self, node: torch.fx.Node, x: torch.fx.Node) -> bool:
+        if not _mixes_channels(self.gm, node):
+            return False
+        rule = self.classify(node)
+        return (rule is not None and rule.kind == "affine" and rule.inputs == [x] and rule.axis is not None
+                and rule.axis % 4 == 1 and rule.op.is_pointwise and rule.op.nd == 2
+                and [n for n in node.all_input_nodes if n.op != "get_attr"] == [x])
+
+    def _swap(self, up: torch.fx.Node, reader: torch.fx.Node) -> None:
+        """`reader(up(y))` -> `up(reader(y))`, in place; shapes recorded accordingly."""
+        y = up.args[0]
+        users = list(reader.users)
+        reader_meta = {k: reader.meta[k] for k in ("reparam_shape", "tensor_meta") if k in reader.meta}
+        reader.replace_input_with(up, y)
+        up.replace_input_with(y, reader)
+        for user in users:
+            user.replace_input_with(reader, up)
+        reader.append(up)  # after the map (and whatever it reads), before the map's old readers
+        channels = reader_meta["reparam_shape"][1]
+        shape = (shape_of(y)[0], channels) + tuple(shape_of(y)[2:])
+        reader.meta["reparam_shape"] = shape
+        if "tensor_meta" in reader_meta:
+            reader.meta["tensor_meta"] = reader_meta["tensor_meta"]._replace(shape=torch.Size(shape))
+        up.meta.update(reader_meta)
+        for n in (up, reader, *users):
+            self._rules.pop(n, None)
+
+
 # -- helpers -------------------------------------------------------------------------------------
+
+_NEAREST = ("nearest", "nearest-exact")
+_MAP_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_MAP_FUNCTIONS = {F.batch_norm, F.instance_norm, torch.addcmul} | _ADD | _SUB | _MUL | _DIV | _NEG
+
+
+def _may_be_channel_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Could `node` be a per-channel map (a norm, `addcmul`, arithmetic)? Decided by its target
+    alone: classifying it (`_Rewriter.channel_map`) scans the graph once, on first use."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MAP_MODULES)
+    if node.op == "call_function":
+        return node.target in _MAP_FUNCTIONS
+    return node.op == "call_method" and node.target in _METHOD_ARITH
+
+
+def copying_upsample(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, int] | None:
+    """("shuffle", r), ("unshuffle", r) or ("nearest", 0) when `node` upsamples (or rearranges)
+    a tensor by copying its pixels, else None."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is nn.PixelShuffle:
+            return "shuffle", m.upscale_factor
+        if type(m) is nn.PixelUnshuffle:
+            return "unshuffle", m.downscale_factor
+        if type(m) in (nn.Upsample, nn.UpsamplingNearest2d) and m.mode in _NEAREST:
+            return "nearest", 0
+        return None
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in (F.pixel_shuffle, torch.pixel_shuffle, F.pixel_unshuffle, torch.pixel_unshuffle):
+        r = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
+        if type(r) is not int or len(node.args) + len(node.kwargs) != 2:
+            return None
+        return ("shuffle" if t in (F.pixel_shuffle, torch.pixel_shuffle) else "unshuffle"), r
+    if t is F.upsample_nearest:
+        return "nearest", 0
+    if t in (F.interpolate, F.upsample):
+        mode = node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+        return ("nearest", 0) if mode in _NEAREST else None
+    return None
+
 
 def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not is_metadata_read(u, node)]

@@ -30,6 +30,10 @@ layout step), so sizes are always those of the actual input, never the example's
 Pointwise forms may also travel through layout operations (flatten, transpose, reshape...) that
 keep the channel axis whole: the layout steps are replayed on the source when the form is lowered.
 That is how a BatchNorm before `flatten(2).transpose(1, 2)` folds into the following Linear.
+A form that is not pointwise (a kxk conv) does not travel; instead, a pointwise operation on the
+channel axis after layout steps that work for any channel count (`permute(0, 2, 3, 1)`, then a
+Linear or `@ W`: ConvNeXt-style channels-last MLPs) moves before the steps and composes into it,
+when that costs no more (`LayoutChain`).
 
 This module decides; `lower.py` rewrites the graph.
 """
@@ -66,6 +70,23 @@ class LayoutStep:
 
     node: torch.fx.Node
     agnostic: bool
+    # The channel axis after the step, where the operator before it changes the channel count
+    # the original node had (a Linear composed into the conv before a permute): lowering corrects
+    # the recorded shape there.
+    axis: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class LayoutChain:
+    """Layout steps after a form that is not pointwise (a kxk conv, then `permute(0, 2, 3, 1)`),
+    held back rather than absorbed: only a linear operation on the channel axis after them can
+    take the form in (the Linear moves before the steps, into the conv); else everything stays as
+    written. `form` is `base`'s form with the steps appended; `refusal` says why nothing moves,
+    and is withdrawn when the operation after the steps composes."""
+
+    base: torch.fx.Node
+    form: Form
+    refusal: RefusalRecord
 
 
 @dataclass(frozen=True, eq=False)
@@ -310,6 +331,7 @@ class LinearFormPass:
         self._shared_pending: dict[torch.fx.Node, int] = {}
         self._shared_reported: set[torch.fx.Node] = set()
         self._identities: dict[tuple[int, int], AffineConv] = {}
+        self._layout_chains: dict[torch.fx.Node, LayoutChain] = {}  # layout node -> the chain it ends
         self._visitors = {
             "affine": self._visit_affine,
             "refused": self._visit_refused,
@@ -548,6 +570,8 @@ class LinearFormPass:
         return self.identity_form(node, 1 if axis is None else axis), False
 
     def _own_axis(self, node, consumer) -> int | None:
+        if node in self._layout_chains:
+            return self._layout_chains[node].form.axis
         return self.forms[node].axis if self.absorbable(node, consumer) else None
 
     # -- unary affine maps -------------------------------------------------------------------
@@ -607,8 +631,14 @@ class LinearFormPass:
         consts = [c for c in (scale, shift) if c is not None]
         axes = {a for c in consts for a in _varying_axes(c, shape)}
         if any(c.dim() > len(shape) for c in consts) or len(axes) > 1:
-            if x in self.forms and len(self._real_users(x)) == 1:  # say why the neighbour stays apart
-                self.refuse(", ".join(self.forms[x].members + (rule.member,)),
+            # Say why the linear neighbours (before it, or the one reading it) stay apart.
+            before = self.forms[x].members if x in self.forms and len(self._real_users(x)) == 1 else ()
+            reader = self._single_user(node)
+            reader_rule = self.classify(reader) if reader is not None else None
+            after = (reader_rule.member,) if reader_rule is not None and reader_rule.kind in (
+                "affine", "scale", "shift") else ()
+            if before or after:
+                self.refuse(", ".join(before + (rule.member,) + after),
                             "the constant varies along several axes: not a per-channel map")
             return None
         if axes:
@@ -629,6 +659,10 @@ class LinearFormPass:
             return None
         own_cost = self.op_cost(op, x, out_shape, axis)
         own_macs = op.cost * positions(out_shape, axis)
+        if x in self._layout_chains:
+            through = self._through_layout_chain(node, x, axis, op, member, own_cost, own_macs)
+            if through is not None:
+                return through
         form, owned = self.input_form(x, axis, node)
         if form is None:
             return None
@@ -656,8 +690,14 @@ class LinearFormPass:
                 self.alternative_sources.add(x)
         elif x in self.forms and len(self._real_users(x)) == 1:
             problem = self._carrier_problem(x, node)
+            before = self.forms[x]
             if problem:
-                self.refuse(", ".join(self.forms[x].members + (member,)), f"kept apart: {problem}")
+                self.refuse(", ".join(before.members + (member,)), f"kept apart: {problem}")
+            elif before.axis != axis and not before.op.is_identity:
+                # ResMLP: an Affine over channels, `.transpose(1, 2)`, a Linear over the tokens.
+                self.refuse(", ".join(before.members + (member,)),
+                            f"kept apart: {_kind_of(op)} along another axis than the {_kind_of(before.op)}'s "
+                            f"(axis {axis} against {before.axis}): no one operator on a single axis computes both")
         elif (x in self.forms and x not in self._shared_reported and self.forms[x].op.is_per_channel
               and not self.forms[x].op.is_identity):
             self._shared_reported.add(x)
@@ -993,6 +1033,10 @@ class LinearFormPass:
     # -- layout ------------------------------------------------------------------------------
     def _visit_layout(self, node, rule: LinearOp) -> Form | None:
         x = rule.inputs[0]
+        if x in self._layout_chains:
+            chain = self._layout_chains[x]
+            self._hold_layout(node, rule, chain.base, chain.form, chain.refusal)
+            return None
         if not self.absorbable(x, node):
             if x in self.forms and len(self._real_users(x)) == 1 and self._reaches_linear(node):
                 problem = self._carrier_problem(x, node)  # say why, when a linear op waits beyond
@@ -1005,9 +1049,10 @@ class LinearFormPass:
         # across them to a linear operation.
         if not form.op.is_pointwise and not self._reaches_per_channel(node):
             if self._reaches_linear(node):
-                self.refuse(", ".join(form.members + (rule.member,)),
-                            f"kept apart: {form.op.describe()} is not pointwise, so it cannot move across "
-                            "the layout change to the linear operation after it")
+                refusal = self.refuse(", ".join(form.members + (rule.member,)),
+                                      f"kept apart: {form.op.describe()} is not pointwise, so it cannot move "
+                                      "across the layout change to the linear operation after it")
+                self._hold_layout(node, rule, x, form, refusal)
             return None
         refs = form.shape_refs
         if rule.shape_of is not None:
@@ -1028,6 +1073,71 @@ class LinearFormPass:
         return replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
                        origin=None, shape_refs=refs, alternative=None)
 
+    # -- a linear operation after layout steps after a conv -------------------------------------
+    _AGNOSTIC_LAYOUTS = ("flatten", "transpose", "permute", "movedim", "unsqueeze")
+
+    def _hold_layout(self, node, rule: LinearOp, base: torch.fx.Node, form: Form, refusal: RefusalRecord) -> None:
+        """Remember `node` as one more layout step after `base`'s form (see `LayoutChain`), when the
+        step is valid whatever the channel count, keeps the channel axis whole, and leads to a
+        linear operation; nothing is absorbed yet."""
+        x = rule.inputs[0]
+        if (rule.layout not in self._AGNOSTIC_LAYOUTS or rule.shape_of is not None or form.shape_refs
+                or len(self._real_users(x)) != 1 or (x is not base and self._reads(x))
+                or not self._reaches_linear(node)):
+            return
+        new_axis = channel_axis_after(node, rule.layout, shape_of(x), form.axis)
+        if new_axis is None:
+            return
+        step = LayoutStep(node, True, new_axis)
+        chained = replace(form, axis=new_axis, after=form.after + (step,), members=form.members + (rule.member,),
+                          origin=None, alternative=None)
+        self._layout_chains[node] = LayoutChain(base, chained, refusal)
+
+    def _through_layout_chain(self, node, x, axis: int, op: AffineConv, member: str, own_cost: float,
+                              own_macs: int) -> Form | None:
+        """`op` (pointwise on the channel axis: a Linear after `permute(0, 2, 3, 1)`) moved before the
+        layout steps held at `x` and composed into the operator before them, when exact and not
+        more expensive; else None, with the refusal saying why."""
+        chain = self._layout_chains[x]
+        form, base = chain.form, chain.base
+        if axis != form.axis or not op.is_pointwise or self._reads(x):
+            return None
+        if self._carrier_problem(base, node) is not None:
+            return None
+        moved = at_layout(op, form.op_ndim, form.op_axis)
+        where = ", ".join(form.members + (member,))
+        if moved is None:
+            return None
+        reason = affine.compose_refusal(moved, form.op)
+        if reason:
+            self._replace_refusal(chain.refusal, where, reason)
+            return None
+        shape = shape_of(node)
+        fused = _geometry_stub(moved, form.op)
+        parts, parts_macs = form.parts_cost + own_cost, form.parts_macs + own_macs
+        fused_cost = self.op_cost(fused, form.source, shape, axis)
+        fused_macs = fused.cost * positions(shape, axis)
+        memory_bound = _memory_bound([moved, form.op])
+        if (fused_cost > parts) if memory_bound else (fused_macs > parts_macs):
+            measure = "estimated latency" if memory_bound else "multiply-accumulates"
+            self._replace_refusal(chain.refusal, where, (
+                f"not cheaper: {member} on the channel axis after the layout change, moved before it into "
+                f"{form.op.describe()}, would make one {fused.describe()} of {_ns(fused_cost)} and "
+                f"{fused_macs:,} MACs against {_ns(parts)} and {parts_macs:,} MACs for the parts ({measure})"))
+            return None
+        self.refusals[:] = [r for r in self.refusals if r is not chain.refusal]
+        self.absorb(base, node)
+        for step in form.after:
+            if step.axis is not None:  # the chain's own steps (a composed form's are absorbed already)
+                self.absorbed.add(step.node)
+        return replace(form, op=affine.compose(widened_op(moved), form.op), axis=axis,
+                       members=form.members + (member,), parts_cost=parts, parts_macs=parts_macs,
+                       n_ops=form.n_ops + 1, origin=None, alternative=None)
+
+    def _replace_refusal(self, old: RefusalRecord, where: str, reason: str) -> None:
+        self.refusals[:] = [r for r in self.refusals if r is not old]
+        self.refuse(where, reason)
+
 
 PER_CHANNEL_LOOKAHEAD = 4  # per-channel maps looked through for a sum after a refused composition
 
@@ -1042,6 +1152,13 @@ def _geometry_stub(after: AffineConv, before: AffineConv) -> AffineConv:
     mode = before.padding_mode if before.has_padding else after.padding_mode
     return AffineConv(w, torch.zeros(1, dtype=torch.float64).expand(after.out_channels), stride, padding,
                       dilation, groups, mode)
+
+
+def _kind_of(op: AffineConv) -> str:
+    """How a refusal names an operator by what it does: "per-channel map", "Linear", or its description."""
+    if op.is_per_channel:
+        return "per-channel map"
+    return "Linear" if op.nd == 0 else op.describe()
 
 
 def _memory_bound(ops) -> bool:

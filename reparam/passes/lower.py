@@ -93,6 +93,19 @@ def _crop_meta(cropped: torch.fx.Node, value: torch.fx.Node, amounts) -> None:
     cropped.meta["reparam_shape"] = shape
 
 
+def _set_channels(value: torch.fx.Node, axis: int, channels: int) -> None:
+    """Record `channels` at `axis` in `value`'s shape, where a fused operator changed the channel
+    count of the node whose shape was copied (a Linear composed into the conv before a permute)."""
+    meta = value.meta.get("tensor_meta")
+    shape = value.meta.get("reparam_shape")
+    if shape is None or axis >= len(shape) or shape[axis] == channels:
+        return
+    shape = shape[:axis] + (channels,) + shape[axis + 1:]
+    value.meta["reparam_shape"] = shape
+    if meta is not None:
+        value.meta["tensor_meta"] = meta._replace(shape=torch.Size(shape))
+
+
 class _Lowering:
     def __init__(self, gm: torch.fx.GraphModule, forms: LinearFormPass, dtype_of, device):
         self.gm, self.forms, self.dtype_of, self.device = gm, forms, dtype_of, device
@@ -132,6 +145,7 @@ class _Lowering:
             value.meta["reparam_members"] = tuple(dict.fromkeys(form.members))  # for the report's checks
             op_out = form.after[0].node.args[0] if form.after else node
             _copy_meta(value, op_out)
+            _set_channels(value, form.op_axis, form.op.out_channels)
             if form.after:
                 self.replaced[op_out] = value  # `reshape_as(op_out)` below reads its shape from here
             if form.combined:
@@ -142,6 +156,8 @@ class _Lowering:
         for step in form.after:
             value = _replay(step.node, value, graph, self.current)
             value.meta.update(step.node.meta)
+            if step.axis is not None:
+                _set_channels(value, step.axis, form.op.out_channels)
             self._serve_chain_reads(step.node, value)
         return value
 

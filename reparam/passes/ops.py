@@ -18,7 +18,8 @@ description, so the propagation pass sees a single form of each.
                     (passes/fill.py)                        for a zero input (passes/commute.py)
     identity        Identity, Dropout (eval), contiguous,   depthwise 1x1 of ones
                     leaky_relu with negative_slope 1
-    scale           x * c, c * x, x / c, -x                 depthwise 1x1 of c
+    scale           x * c, c * x, x / c, -x,                depthwise 1x1 of c
+                    x * c.expand_as(x) (or c.expand(...))
     shift           x + c, x - c, c - x                     bias c (c - x also scales by -1)
     addcmul         torch.addcmul(b, x, a) (timm's Affine)  per-channel a*x + b
     sum             x + y, x - y                            A + B over a common source
@@ -606,7 +607,26 @@ class Classifier:
         return LinearOp("affine", [a], op=affine.from_linear(w.t().contiguous(), None), axis=-1,
                         member=member_name(node))
 
+    def _expanded_constant(self, value, node) -> torch.Tensor | None:
+        """The constant `c` of `c.expand_as(y)` / `c.expand(*y.shape)` (`y * g[:, None, None].expand_as(y)`),
+        which reads only `y`'s shape: in an elementwise `node` whose result has the shape of its
+        other operand, the constant broadcasts to the same values unexpanded."""
+        if not (isinstance(value, torch.fx.Node) and value.op == "call_method"
+                and value.target in ("expand_as", "expand") and value.args and not value.kwargs):
+            return None
+        c = self.const(value.args[0])
+        shape = shape_of(value)
+        if c is None or shape is None or shape != shape_of(node) or c.dim() > len(shape):
+            return None
+        return c
+
     def _add(self, node, a, b, sign_b: float) -> LinearOp | None:
+        for x, e in ((a, b), (b, a)):
+            c = self._expanded_constant(e, node)
+            if c is not None and _tensor_input(x) and shape_of(x) == shape_of(node):
+                if e is b:
+                    return LinearOp("shift", [x], shift=c * sign_b, member=member_name(node))
+                return LinearOp("shift", [x], shift=c, sign=sign_b, member=member_name(node))
         ta, tb = _tensor_input(a), _tensor_input(b)
         if ta and tb and _zeros_like_result(a, node) and _zeros_like_result(b, node, zeros=False):
             # `zeros + y` (an accumulator started with zeros): y itself, or -y
@@ -630,6 +650,10 @@ class Classifier:
         return None
 
     def _mul(self, node, a, b) -> LinearOp | None:
+        for x, e in ((a, b), (b, a)):
+            c = self._expanded_constant(e, node)
+            if c is not None and _tensor_input(x) and shape_of(x) == shape_of(node):
+                return LinearOp("scale", [x], scale=c, member=member_name(node))
         if _tensor_input(a) and not _tensor_input(b):
             x, c = a, self.const(b)
         elif _tensor_input(b) and not _tensor_input(a):
