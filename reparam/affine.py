@@ -76,7 +76,7 @@ class AffineConv:
 
     @property
     def kernel_size(self) -> Tuple:
-        return tuple(self.weight.shape[2:])
+        return self.weight.shape[2:]  # a torch.Size: a tuple, made without a copy
 
     @property
     def is_pointwise(self) -> bool:
@@ -254,14 +254,24 @@ def identity(channels: int, nd: int, device=None) -> AffineConv:
 
 def batch_norm(running_mean, running_var, weight, bias, eps: float, nd: int) -> AffineConv:
     """BatchNorm with running statistics: `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`."""
-    mean, var = _f64(running_mean), _f64(running_var)
+    mean, var = _vector64(running_mean), _vector64(running_var)
     a = torch.rsqrt(var + eps)
     if weight is not None:
-        a *= _f64(weight)
+        a *= _vector64(weight)
     shift = -mean * a
     if bias is not None:
-        shift += _f64(bias)
-    return per_channel(a, shift, nd)
+        shift += _vector64(bias)
+    c = a.numel()
+    # `a` and `shift` are new tensors: no copy of them is needed (`per_channel` makes one).
+    return AffineConv(a.reshape(c, *([1] * (nd + 1))), shift.reshape(c), (1,) * nd, (0,) * nd, (1,) * nd, c)
+
+
+def _vector64(t) -> torch.Tensor:
+    """A norm's statistic or affine parameter in float64. Unlike `widened`, its float32 origin
+    is not remembered: a norm's constants end up in products, which float32 rarely holds."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float64)
+    return torch.as_tensor(t, dtype=torch.float64)
 
 
 def zero_pad(channels: int, padding, nd: int, device=None) -> AffineConv:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import affine
+from .module_table import module_table, parameter_count
 from .modules import ChannelAffine
 from .report import Counts
 from .trace import dtype_of, shape_of
@@ -30,12 +31,12 @@ _POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return parameter_count(module)
 
 
 def _linear_ops(gm: torch.fx.GraphModule):
     """(node, macs per output element, weight elements, grouped) for every op the rules count."""
-    modules = dict(gm.named_modules())  # one walk, not a dotted-path look-up per call
+    modules = module_table(gm)  # one walk, not a dotted-path look-up per call
     for node in gm.graph.nodes:
         out = shape_of(node)
         if out is None or len(out) == 0:

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InputError, TraceFailure, VerificationError, first_line
 from .measure import count_params, counts
+from .module_table import module_table
 from .passes.distribute import distribute_linear_maps
 from .passes.transposed import fold_maps_into_transposed_convs
 from .passes.fill import fill_borders
@@ -467,7 +468,7 @@ def _cloned(inputs: tuple) -> tuple:
 
 def _weight_hook_notes(model: nn.Module) -> list[str]:
     notes = []
-    for path, m in model.named_modules():
+    for path, m in module_table(model).items():
         for hook in _weight_hooks(m):
             how = ("spectral_norm" if isinstance(hook, _SpectralNorm) else "prune" if isinstance(hook, _Pruning)
                    else "weight_norm")

@@ -9,6 +9,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..module_table import module_table
+
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
@@ -34,7 +36,7 @@ def remove_dead_nodes(gm: torch.fx.GraphModule) -> None:
             continue
         if node.op == "call_module":
             if modules is None:
-                modules = dict(gm.named_modules())
+                modules = module_table(gm)
             module = modules.get(node.target)
             if module is None:
                 module = gm.get_submodule(node.target)

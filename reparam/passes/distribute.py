@@ -108,7 +108,7 @@ from torch import nn
 
 from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
-from .ops import _ADD, _DIV, _METHOD_ARITH, _MUL, _NEG, _SUB, Classifier, LinearOp, member_name
+from .ops import _ADD, _DIV, _METHOD_ARITH, _MUL, _NEG, _SUB, Classifier, LinearOp, member_name, submodule
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _STACK = {torch.stack}
@@ -665,7 +665,7 @@ def _may_be_channel_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Could `node` be a per-channel map (a norm, `addcmul`, arithmetic)? Decided by its target
     alone: classifying it (`_Rewriter.channel_map`) scans the graph once, on first use."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _MAP_MODULES)
+        return isinstance(submodule(gm, node.target), _MAP_MODULES)
     if node.op == "call_function":
         return node.target in _MAP_FUNCTIONS
     return node.op == "call_method" and node.target in _METHOD_ARITH
@@ -677,7 +677,7 @@ def copying_upsample(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str
     if not node.args or not isinstance(node.args[0], torch.fx.Node) or shape_of(node.args[0]) is None:
         return None
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = submodule(gm, node.target)
         if type(m) is nn.PixelShuffle:
             return "shuffle", m.upscale_factor
         if type(m) is nn.PixelUnshuffle:
@@ -712,7 +712,7 @@ _MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch
 def _mixes_channels(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """A conv or Linear (never a per-channel map), recognised without reading its weights."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _MIXING_MODULES)
+        return isinstance(submodule(gm, node.target), _MIXING_MODULES)
     return node.op == "call_function" and node.target in _MIXING_FUNCTIONS
 
 
@@ -748,7 +748,7 @@ def _step_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     if node.op == "call_function":
         return _PERMUTING_FUNCTIONS.get(node.target)
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
+        m = submodule(gm, node.target)
         if isinstance(m, nn.ChannelShuffle):
             return "shuffle"
         return "reshape" if isinstance(m, (nn.Flatten, nn.Unflatten)) else None
@@ -811,7 +811,7 @@ def _channel_permutation(gm: torch.fx.GraphModule, y: torch.fx.Node, steps: list
                 return f"{step.name} moves the batch or spatial axes, not only the channels"
             index = index.transpose(*dims) if kind == "transpose" else index.permute(*dims)
         elif kind == "shuffle":
-            groups = gm.get_submodule(step.target).groups if step.op == "call_module" else (
+            groups = submodule(gm, step.target).groups if step.op == "call_module" else (
                 step.args[1] if len(step.args) > 1 else step.kwargs.get("groups"))
             if not isinstance(groups, int) or groups <= 0 or c % groups:
                 return f"{step.name} shuffles with a group count that is not a constant dividing {c}"
@@ -842,7 +842,7 @@ def _describe(gm: torch.fx.GraphModule, node) -> str:
     if not isinstance(node, torch.fx.Node):
         return repr(node)
     if node.op == "call_module":
-        return f"{type(gm.get_submodule(node.target)).__name__} ({node.target})"
+        return f"{type(submodule(gm, node.target)).__name__} ({node.target})"
     if node.op in ("call_function", "call_method"):
         name = getattr(node.target, "__name__", str(node.target))
         return name if node.name == name else f"{name} ({node.name})"

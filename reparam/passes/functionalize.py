@@ -35,6 +35,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..module_table import module_table
 from .cleanup import _IN_PLACE_FUNCS
 
 # In-place spellings and the out-of-place op with the same arguments.
@@ -101,7 +102,7 @@ def functionalize(gm: torch.fx.GraphModule, is_metadata_read) -> list[KeptInPlac
 def values_updated_in_place(gm: torch.fx.GraphModule, is_metadata_read, ignored=frozenset()) -> set[torch.fx.Node]:
     """Every node whose value may share memory with a value some node updates in place (updates
     by the nodes in `ignored` left out)."""
-    modules = dict(gm.named_modules())
+    modules = module_table(gm)
     if not any(node not in ignored and updates_in_place(gm, node, modules) for node in gm.graph.nodes):
         return set()  # the common case once `functionalize` has run: no classes of memory to find
     aliases = _Aliases(gm, is_metadata_read, modules)
@@ -119,7 +120,7 @@ class _Aliases:
     def __init__(self, gm: torch.fx.GraphModule, is_metadata_read, modules: dict | None = None):
         self.gm = gm
         self.is_metadata_read = is_metadata_read
-        self.modules = dict(gm.named_modules()) if modules is None else modules
+        self.modules = module_table(gm) if modules is None else modules
         self._in_place: dict[torch.fx.Node, bool] = {}
         self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
         self.members: dict[torch.fx.Node, list[torch.fx.Node]] = {}

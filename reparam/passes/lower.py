@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import affine
 from ..affine import AffineConv
+from ..module_table import module_table
 from ..modules import AxisLinear, ChannelAffine
 from ..report import FusedRegion
 from .cleanup import remove_dead_nodes
@@ -113,7 +114,7 @@ class _Lowering:
         self.regions: list[FusedRegion] = []
         self.counter = 0
         self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # original node -> the value standing for it
-        self.owned = {t.data_ptr() for m in gm.modules() for store in (m._parameters, m._buffers)
+        self.owned = {t.data_ptr() for m in module_table(gm).values() for store in (m._parameters, m._buffers)
                       for t in store.values() if t is not None and t.numel()}
 
     def current(self, n: torch.fx.Node) -> torch.fx.Node:

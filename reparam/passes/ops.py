@@ -133,6 +133,21 @@ def bind(node: torch.fx.Node, names: tuple[str, ...]) -> dict:
     return bound
 
 
+def submodule(gm: nn.Module, target: str) -> nn.Module:
+    """`gm.get_submodule(target)` by dictionary look-ups (a call node's target names a module):
+    `get_submodule` checks every step of the path with `getattr`, a large share of a pass that
+    looks at every call of a large graph."""
+    module = gm
+    try:
+        for part in target.split("."):
+            module = module._modules[part]
+    except (KeyError, AttributeError, TypeError):
+        return gm.get_submodule(target)  # its own error for a wrong path
+    if module is None:
+        return gm.get_submodule(target)
+    return module
+
+
 def member_name(node: torch.fx.Node) -> str:
     """How the report names an original operation: its module, or the parameter it uses."""
     if node.op == "call_module":
@@ -217,7 +232,7 @@ class Classifier:
 
     def _classify(self, node: torch.fx.Node) -> LinearOp | None:
         if node.op == "call_module":
-            return self._module(node, self.gm.get_submodule(node.target))
+            return self._module(node, submodule(self.gm, node.target))
         if node.op == "call_function":
             return self._function(node)
         if node.op == "call_method":

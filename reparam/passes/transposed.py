@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..module_table import module_table
 from ..report import FusedRegion
 from ..trace import Constants, dtype_of, shape_of
 from .linear_forms import RefusalRecord, is_metadata_read
@@ -88,7 +89,7 @@ def fold_maps_into_transposed_convs(gm: torch.fx.GraphModule, consts: Constants,
     """Fold every per-channel map that follows a transposed convolution into it; returns the
     refusals to report (maps that stay, with the reason). When `regions` is given, one
     `FusedRegion` per new module (the conv and the maps it absorbed) is appended to it."""
-    if not any(_transposed_class(m) is not None for m in gm.modules()) and not any(
+    if not any(_transposed_class(m) is not None for m in module_table(gm).values()) and not any(
             n.op == "call_function" and n.target in _TRANSPOSED_FUNCS for n in gm.graph.nodes):
         return []  # most graphs: no look-up per node
     convs = [n for n in gm.graph.nodes if is_transposed_conv(gm, n)]
