@@ -20,6 +20,8 @@ from reparam.errors import InputError
 from reparam.shape_rules import shape_only_nodes, stand_in
 from reparam.trace import propagate_shapes, trace
 
+from . import strategies as S
+
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
@@ -344,6 +346,14 @@ class OnTheMetaDevice(nn.Module):
 def test_consumers_of_stand_ins_match_real_execution():
     gm, skipped = _both_ways(OnTheMetaDevice(), torch.randn(2, 3, 6, 6))
     assert {n.target for n in skipped if n.op == "call_module"} == {"a", "b"}
+
+
+@given(st.one_of(S.fusible_nets(), S.free_nets(), S.defect_nets()))
+def test_random_networks_have_the_shapes_of_real_execution(spec):
+    """Random branch structures (the compiler's property-test networks): every node's shape,
+    dtype and strides with stand-ins on the meta device equal those of running it for real."""
+    model, x = S.build_net(spec)
+    _both_ways(model, x)
 
 
 def test_no_arithmetic_runs_on_the_meta_device():
