@@ -33,8 +33,8 @@ from .passes.transposed import fold_maps_into_transposed_convs
 from .passes.fill import fill_borders
 from .passes.functionalize import functionalize
 from .passes.linear_forms import LinearFormPass, is_metadata_read
-from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_checks, drop_reshape_round_trips,
-                             restore_in_place)
+from .passes.cleanup import (deduplicate_metadata_checks, drop_implied_rank_checks, drop_permute_round_trips,
+                             drop_reshape_round_trips, restore_in_place)
 from .passes.lower import lower_forms
 from .report import Counts, FusedRegion, Leaf, Refusal, Report
 from .trace import (CallerHooks, caller_hooks, dtype_of, fold_constants, graph_arguments, is_shape_query,
@@ -544,6 +544,7 @@ def _fuse_module(module: nn.Module, inputs: tuple, name: str, prefix: str = "",
     deduplicate_metadata_checks(gm, is_metadata_read)
     drop_implied_rank_checks(gm)
     drop_reshape_round_trips(gm)
+    drop_permute_round_trips(gm)
     restore_in_place(gm, is_metadata_read)  # last: no later pass may judge values by their readers
     report.refusals = [Refusal(_prefix_names(r.where, prefix), r.reason)
                        for r in [*kept, *consts.unfolded, *forms.refusals]]

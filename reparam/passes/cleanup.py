@@ -427,3 +427,58 @@ def drop_reshape_round_trips(gm: torch.fx.GraphModule) -> int:
     if dropped:
         remove_dead_nodes(gm)
     return dropped
+
+
+def drop_permute_round_trips(gm: torch.fx.GraphModule) -> int:
+    """Replace `x.permute(p).permute(q)` (or `transpose`) whose two steps undo each other by `x`;
+    return how many. Such a pair is left where the linear operation between the two steps was
+    fused into the convolution before them (a channels-last Linear after a conv): the pair is a
+    view of `x` with `x`'s own sizes and strides, and an exporter would copy it twice."""
+    from ..trace import shape_of  # (trace imports this module)
+
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if inner is None or not inner.args or not isinstance(inner.args[0], torch.fx.Node):
+            continue
+        source = inner.args[0]
+        shape = shape_of(source)
+        if shape is None:
+            continue
+        first, second = _axis_order(inner, len(shape)), _axis_order(node, len(shape))
+        if first is None or second is None or [first[i] for i in second] != list(range(len(shape))):
+            continue
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        dropped += 1
+    if dropped:
+        remove_dead_nodes(gm)
+    return dropped
+
+
+def _axis_order(node: torch.fx.Node, ndim: int) -> list[int] | None:
+    """The input axis each output axis of a `permute`/`transpose` takes, or None for other nodes."""
+    if node.kwargs:
+        return None
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+    elif node.op == "call_function" and node.target is torch.permute and len(node.args) == 2:
+        dims = node.args[1]
+    elif (node.op == "call_method" and node.target == "transpose") or (
+            node.op == "call_function" and node.target is torch.transpose):
+        if len(node.args) != 3:
+            return None
+        a, b = node.args[1:]
+        if type(a) is not int or type(b) is not int or not (-ndim <= a < ndim and -ndim <= b < ndim):
+            return None
+        order = list(range(ndim))
+        order[a % ndim], order[b % ndim] = order[b % ndim], order[a % ndim]
+        return order
+    else:
+        return None
+    if not isinstance(dims, (tuple, list)) or len(dims) != ndim or any(type(d) is not int for d in dims):
+        return None
+    order = [d % ndim for d in dims]
+    return order if sorted(order) == list(range(ndim)) else None

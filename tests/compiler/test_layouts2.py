@@ -18,7 +18,7 @@ from reparam.modules import ChannelAffine
 from reparam.report import Report
 from reparam.trace import propagate_shapes, trace
 
-from .helpers import conv_bn, fuse64, modules_of, n_bns, n_convs, rbn
+from .helpers import assert_same, conv_bn, fuse64, modules_of, n_bns, n_convs, rbn
 
 
 def refusals_naming(fused, name: str) -> list[str]:
@@ -57,6 +57,46 @@ def test_narrowing_linear_after_a_permute_composes_into_the_conv(spelling, read_
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (8, 4, (3, 3))
     assert fused.report.refusals == []
     assert unaccounted_linear_ops(fused) == []
+
+
+class TransposedRoundTrip(ChannelsLastMLP):
+    """The same round trip written with `transpose(1, 3)` both ways and `@ W`."""
+
+    def forward(self, x):
+        return (self.conv(x).transpose(1, 3) @ self.w).transpose(1, 3)
+
+
+@pytest.mark.parametrize("make", [lambda: ChannelsLastMLP(8, 4, "linear"), lambda: TransposedRoundTrip(8, 4)])
+def test_permutes_around_a_composed_linear_are_dropped(make):
+    """Once the Linear is in the conv, `permute(0, 2, 3, 1)` then `permute(0, 3, 1, 2)` is the
+    conv's own output: both go (an exporter would otherwise copy the tensor twice)."""
+    m = make()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    fused = fuse64(m, x)
+    assert n_convs(fused) == 1 and modules_of(fused, nn.Linear) == []
+    steps = [n for n in fused.graph.nodes if n.op in ("call_method", "call_function")
+             and getattr(n.target, "__name__", n.target) in ("permute", "transpose")]
+    assert steps == [], fused.code
+    assert fused(x).is_contiguous()
+    assert_same(m, fused, torch.randn(1, 8, 5, 7, dtype=torch.float64))
+
+
+def test_permutes_that_do_not_undo_each_other_stay():
+    """`permute(0, 2, 3, 1)` twice is no round trip: the fused model keeps both steps."""
+
+    class TwoTurns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_bn(4, 4, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x).permute(0, 2, 3, 1).permute(0, 2, 3, 1))
+
+    model = TwoTurns()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    fused = fuse64(model, x)
+    assert sum(n.target == "permute" for n in fused.graph.nodes) == 2
+    assert_same(model, fused, x)
 
 
 def test_per_channel_map_after_the_permute_back_joins_too():
