@@ -409,18 +409,23 @@ def _is_linear_output(gm: torch.fx.GraphModule, value: torch.fx.Node) -> bool:
 
 def drop_reshape_round_trips(gm: torch.fx.GraphModule) -> int:
     """Replace reshapes that restore their source's own shape by that source; return how many."""
+    return _replace_round_trips(gm, _reshape_round_trip)
+
+
+def drop_permute_round_trips(gm: torch.fx.GraphModule) -> int:
+    """Replace `x.permute(p).permute(q)` (or `transpose`) whose two steps undo each other by `x`;
+    return how many. Such a pair is left where the linear operation between the two steps was
+    fused into the convolution before them (a channels-last Linear after a conv): the pair is a
+    view of `x` with `x`'s own sizes and strides, and an exporter would copy it twice."""
+    return _replace_round_trips(gm, _permute_round_trip)
+
+
+def _replace_round_trips(gm: torch.fx.GraphModule, source_of) -> int:
+    """Replace every node for which `source_of(gm, node)` gives a node by that node; how many."""
     dropped = 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_method" and node.target in ("reshape_as", "view_as") and len(node.args) == 2):
-            continue
-        step, source = node.args
-        if not isinstance(source, torch.fx.Node) or not _is_linear_output(gm, source):
-            continue
-        while isinstance(step, torch.fx.Node) and step is not source and (
-                (step.op == "call_method" and step.target in _ORDER_KEEPING_METHODS)
-                or (step.op == "call_function" and step.target in _ORDER_KEEPING_FUNCS)):
-            step = step.args[0]
-        if step is source:
+        source = source_of(gm, node)
+        if source is not None:
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
             dropped += 1
@@ -429,31 +434,36 @@ def drop_reshape_round_trips(gm: torch.fx.GraphModule) -> int:
     return dropped
 
 
-def drop_permute_round_trips(gm: torch.fx.GraphModule) -> int:
-    """Replace `x.permute(p).permute(q)` (or `transpose`) whose two steps undo each other by `x`;
-    return how many. Such a pair is left where the linear operation between the two steps was
-    fused into the convolution before them (a channels-last Linear after a conv): the pair is a
-    view of `x` with `x`'s own sizes and strides, and an exporter would copy it twice."""
+def _reshape_round_trip(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """`y.flatten(0, 1).reshape_as(y)` (layout steps that keep the order, back to `y`) for a
+    Linear's output `y` (contiguous whatever its input): `y`, else None."""
+    if not (node.op == "call_method" and node.target in ("reshape_as", "view_as") and len(node.args) == 2):
+        return None
+    step, source = node.args
+    if not isinstance(source, torch.fx.Node) or not _is_linear_output(gm, source):
+        return None
+    while isinstance(step, torch.fx.Node) and step is not source and (
+            (step.op == "call_method" and step.target in _ORDER_KEEPING_METHODS)
+            or (step.op == "call_function" and step.target in _ORDER_KEEPING_FUNCS)):
+        step = step.args[0]
+    return source if step is source else None
+
+
+def _permute_round_trip(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """`x.permute(p).permute(q)` with `q` undoing `p`: `x`, else None."""
     from ..trace import shape_of  # (trace imports this module)
 
-    dropped = 0
-    for node in list(gm.graph.nodes):
-        inner = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-        if inner is None or not inner.args or not isinstance(inner.args[0], torch.fx.Node):
-            continue
-        source = inner.args[0]
-        shape = shape_of(source)
-        if shape is None:
-            continue
-        first, second = _axis_order(inner, len(shape)), _axis_order(node, len(shape))
-        if first is None or second is None or [first[i] for i in second] != list(range(len(shape))):
-            continue
-        node.replace_all_uses_with(source)
-        gm.graph.erase_node(node)
-        dropped += 1
-    if dropped:
-        remove_dead_nodes(gm)
-    return dropped
+    inner = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if inner is None or not inner.args or not isinstance(inner.args[0], torch.fx.Node):
+        return None
+    source = inner.args[0]
+    shape = shape_of(source)
+    if shape is None:
+        return None
+    first, second = _axis_order(inner, len(shape)), _axis_order(node, len(shape))
+    if first is None or second is None or [first[i] for i in second] != list(range(len(shape))):
+        return None
+    return source
 
 
 def _axis_order(node: torch.fx.Node, ndim: int) -> list[int] | None:

@@ -22,6 +22,7 @@ import reparam
 from reparam.measure import unaccounted_linear_ops
 
 from .helpers import BN_TYPES, assert_same, call_targets, modules_of, n_bns, n_convs, n_sums, randomize_bn
+from .test_pad_fill import BNAndPad
 
 torch.manual_seed(0)
 
@@ -705,26 +706,9 @@ def test_conv_with_a_forward_set_on_the_instance_is_not_read_as_a_conv():
 # Known gaps, as the authors write the blocks (strict: remove the mark when they fuse)
 # ------------------------------------------------------------------------------------------------
 
-class BNAndPadLayer(nn.Module):
-    """DBB: a BatchNorm whose zero padding is replaced by its own shift."""
-
-    def __init__(self, pad_pixels, num_features):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(num_features)
-        self.pad_pixels = pad_pixels
-
-    def forward(self, input):
-        output = self.bn(input)
-        if self.pad_pixels > 0:
-            pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
-                self.bn.running_var + self.bn.eps)
-            output = F.pad(output, [self.pad_pixels] * 4)
-            pad_values = pad_values.view(1, -1, 1, 1)
-            output[:, :, 0:self.pad_pixels, :] = pad_values
-            output[:, :, -self.pad_pixels:, :] = pad_values
-            output[:, :, :, 0:self.pad_pixels] = pad_values
-            output[:, :, :, -self.pad_pixels:] = pad_values
-        return output
+def BNAndPadLayer(pad_pixels, num_features):
+    """DBB's BatchNorm whose zero padding is replaced by its own shift (its argument order)."""
+    return BNAndPad(num_features, pad_pixels)
 
 
 class IdentityBasedConv1x1(nn.Conv2d):
