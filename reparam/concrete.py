@@ -109,12 +109,13 @@ class ExampleValues:
         with torch.no_grad(), _untraced():
             for node in self.graph.nodes:
                 if node not in self.values:
-                    self.values[node] = self._run(node)
+                    self.values[node] = self.compute(node)
                 if node is target:
                     break
         return self.values[target]
 
-    def _run(self, node: torch.fx.Node):
+    def compute(self, node: torch.fx.Node):
+        """`node`'s value from the values of its arguments (already in `values`)."""
         if node.op == "placeholder":
             i, self.placeholders = self.placeholders, self.placeholders + 1
             if i < len(self.inputs):

@@ -34,7 +34,7 @@ from .affine import widened
 from .concrete import (GRAD_MODE_MESSAGE, ExampleValues, _untraced, describe, guard_message, metadata_sources,
                        outcome_matters, reads_requires_grad, reads_sizes, tests_emptiness)
 from .errors import TraceFailure, first_line
-from .passes.cleanup import remove_dead_nodes
+from .passes.cleanup import is_in_place, remove_dead_nodes
 from .shape_rules import shape_only_nodes, stand_in
 
 
@@ -410,52 +410,31 @@ _NOT_CONSTANT = object()
 
 def _constant_value(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node):
     """`node`'s value computed from parameters, buffers and literals, or `_NOT_CONSTANT`."""
-    ancestors: list[torch.fx.Node] = []
     seen, stack = {node}, [node]
     while stack:
         n = stack.pop()
-        if n.op == "get_attr":
-            pass
-        elif n.op not in ("call_function", "call_method") or n.target in _RANDOM or n.kwargs.get("out") is not None:
+        if n.op != "get_attr" and (n.op not in ("call_function", "call_method") or n.target in _RANDOM
+                                   or n.kwargs.get("out") is not None):
             return _NOT_CONSTANT
-        ancestors.append(n)
         for a in n.all_input_nodes:
             if a not in seen:
                 seen.add(a)
                 stack.append(a)
-    for n in graph.nodes:  # a later value may be an alias updated in place: only untouched values
-        if n.op in ("call_function", "call_method") and n.args and n.args[0] in seen and (
-                n.target is operator.setitem or _is_in_place(n)):
+    for n in graph.nodes:  # one of them updated in place so far: its value is not the one recorded
+        if n.op in ("call_function", "call_method") and n.args and n.args[0] in seen and is_in_place(None, n):
             return _NOT_CONSTANT
-    values: dict[torch.fx.Node, object] = {}
+    evaluator = ExampleValues(root, graph, ())  # no inputs: only these nodes are computed
     with torch.no_grad(), _untraced():
         for n in graph.nodes:  # graph order: arguments before their readers
             if n not in seen:
                 continue
-            if n.op == "get_attr":
-                value = root
-                for part in n.target.split("."):
-                    value = getattr(value, part)
-                values[n] = value
-                continue
-            args = torch.fx.node.map_arg(n.args, values.__getitem__)
-            kwargs = torch.fx.node.map_arg(n.kwargs, values.__getitem__)
             try:
-                if n.op == "call_function":
-                    values[n] = n.target(*args, **kwargs)
-                else:
-                    values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                evaluator.values[n] = evaluator.compute(n)
             except Exception:  # noqa: BLE001 - not computable here: leave it to torch.fx
                 return _NOT_CONSTANT
             if n is node:
                 break
-    return values.get(node, _NOT_CONSTANT)
-
-
-def _is_in_place(n: torch.fx.Node) -> bool:
-    if n.op == "call_method":
-        return str(n.target).endswith("_") and not str(n.target).startswith("__")
-    return n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or n.kwargs.get("inplace") is True
+    return evaluator.values.get(node, _NOT_CONSTANT)
 
 
 def _nodes_after(graph: torch.fx.Graph, last: torch.fx.Node) -> list[torch.fx.Node]:
