@@ -79,6 +79,11 @@ Four rewrites of how third-party code writes linear structures, so that the line
        rewrite   the map reads the upsampling's input and the upsampling reads the map (after
                  nearest upsampling the map node itself moves, fewer pixels to compute)
 
+   The other way round, a per-channel map *before* a pixel (un)shuffle whose input no linear
+   operation produces (a BatchNorm after an activation) moves after it, where the 1x1 conv reading
+   the shuffle absorbs it (space-to-depth stems: `conv1x1(pixel_unshuffle(bn(x)))`); before a
+   pixel shuffle only when constant over each r^2 channels that become one, else refused.
+
 6. A per-channel map after a reshape that splits the channel axis of its input, the map's channels
    being the leading factor (RepMLPNet's fc3: a 1x1 conv over S*h*w channels, `reshape(-1, S, h, w)`,
    `BatchNorm2d(S)`): map channel s acts on input channels s*n .. s*n + n - 1 (row-major order):
@@ -158,6 +163,8 @@ def distribute_linear_maps(gm: torch.fx.GraphModule, consts: Constants) -> list[
             pass
     for node in [n for n in gm.graph.nodes if copying_upsample(gm, n) is not None]:
         while rewriter.upsample_map(node):  # a layer scale after the BatchNorm moves next
+            pass
+        while rewriter.map_before_shuffle(node):  # a BatchNorm before a layer scale moves next
             pass
     return rewriter.refusals
 
@@ -624,6 +631,41 @@ class _Rewriter:
         up.replace_input_with(y, mapped)
         self._rules.pop(up, None)
         self.erase(m.node, up)
+        return True
+
+    def map_before_shuffle(self, up: torch.fx.Node) -> bool:
+        """Move the per-channel map that a pixel (un)shuffle `up` reads after it, where the 1x1
+        conv reading `up` absorbs it (`conv1x1(pixel_unshuffle(bn(x)))`: space-to-depth stems and
+        downsamplers); False when none moves. (Before nearest upsampling the conv moves instead.)"""
+        kind, r = copying_upsample(self.gm, up)
+        node = up.args[0]
+        if kind == "nearest" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        x = node.args[0]
+        m = self.channel_map(node, x)
+        readers = _real_users(up)
+        if (m is None or m.axis != 1 or len(_real_users(node)) != 1 or self.is_linear(x) or len(readers) != 1
+                or not self._pointwise_conv(readers[0], up) or any(is_metadata_read(u, up) for u in up.users)):
+            return False  # no map, one its producer absorbs where it is, or no conv to take it
+        c = shape_of(x)[1]
+        scale, shift = (_full(v, c) for v in (m.scale, m.shift))
+        if kind == "unshuffle":  # output channel c * r^2 + k comes from input channel c
+            scale, shift = scale.repeat_interleave(r * r), shift.repeat_interleave(r * r)
+        else:  # output channel c comes from input channels c * r^2 ... c * r^2 + r^2 - 1
+            blocks = [v.reshape(c // (r * r), r * r) for v in (scale, shift)]
+            if any(not bool((b == b[:, :1]).all()) for b in blocks):
+                where = [m.member, up.name if up.op != "call_module" else str(up.target), member_name(readers[0])]
+                self.refuse(where, f"kept before the pixel shuffle: its constants differ within the {r * r} "
+                                   "channels that become one output channel (after it, it would act on pixel positions)")
+                return False
+            scale, shift = blocks[0][:, 0].clone(), blocks[1][:, 0].clone()
+        users = list(up.users)
+        mapped = self.insert_map(up, 1, scale, shift, m.member)
+        for user in users:
+            user.replace_input_with(up, mapped)
+            self._rules.pop(user, None)
+        self._rules.pop(up, None)
+        self.erase(node, x)
         return True
 
     def _pointwise_conv(self, node: torch.fx.Node, x: torch.fx.Node) -> bool:

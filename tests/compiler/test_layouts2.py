@@ -246,6 +246,50 @@ def test_expand_as_of_a_constant_reads_as_a_per_channel_map():
     assert [n.target for n in fused.graph.nodes if n.op in ("call_function", "call_method")] == []
 
 
+class NormThenShuffle(nn.Module):
+    """A BatchNorm after an activation, then a pixel (un)shuffle and a 1x1 conv (space-to-depth
+    stems and downsamplers); the norm has no conv before it to fold into."""
+
+    def __init__(self, how, equal_blocks=False):
+        super().__init__()
+        self.how = how
+        self.conv0 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = rbn(4)
+        if equal_blocks:  # the same constants for the 4 channels that become one: shuffle-able
+            for t in (self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var):
+                t.data = t.data[:1].repeat(4)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.conv = nn.Conv2d(16 if how != "shuffle" else 1, 8, 1)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(self.conv0(x)))
+        if self.how == "module":
+            y = self.unshuffle(y)
+        elif self.how == "function":
+            y = F.pixel_unshuffle(y, 2)
+        else:
+            y = F.pixel_shuffle(y, 2)
+        return self.conv(y)
+
+
+@pytest.mark.parametrize("how, equal_blocks", [("module", False), ("function", False), ("shuffle", True)])
+def test_batchnorm_before_a_pixel_shuffle_folds_into_the_conv_after_it(how, equal_blocks):
+    m = NormThenShuffle(how, equal_blocks)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = fuse64(m, x)
+    assert n_bns(fused) == 0 and n_convs(fused) == 2 and not modules_of(fused, ChannelAffine)
+    assert fused.report.refusals == [] and unaccounted_linear_ops(fused) == []
+    assert_same(m, fused, torch.randn(1, 4, 8, 10, dtype=torch.float64))
+
+
+def test_batchnorm_before_a_pixel_shuffle_that_would_act_on_positions_is_refused():
+    m = NormThenShuffle("shuffle")
+    fused = fuse64(m, torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    assert n_bns(fused) == 1 and n_convs(fused) == 2
+    (refusal,) = fused.report.refusals
+    assert refusal.where == "bn, pixel_shuffle, conv" and "kept before the pixel shuffle" in refusal.reason
+
+
 # -- 3. per-channel maps along another axis than a Linear's (ResMLP) ---------------------------------
 class Affine(nn.Module):
     """timm's ResMLP Affine: a per-channel map over the last axis."""
